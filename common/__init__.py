@@ -1,0 +1,1 @@
+"""Thin shared helpers for the onefile-ssl method scripts (one module, one job)."""
