@@ -1,0 +1,238 @@
+"""Evaluation: k-NN and linear probes on a frozen encoder, plus representation diagnostics.
+
+Conventions (cite these next to every number in the README):
+
+* k-NN: cosine similarity between l2-normalised features; the k most similar
+  training ("bank") samples vote for their label.  ``weighted=True`` is the
+  weighted k-NN of Wu et al. 2018 (InstDisc) used as the monitor by the
+  BYOL-family papers: each neighbour votes ``exp(sim / T)``, votes are summed
+  per class, the prediction is the argmax.  Default ``k=200, T=0.1``.
+  ``weighted=False`` is a majority vote; ties go to the tied class with the
+  larger summed similarity (then to the lower class index).  If ``k`` exceeds
+  the bank size, all bank samples are used.  Accuracies are top-1 in percent.
+* Linear probe "fast path" (``linear_probe``): offline, on cached frozen
+  features, standardised with the train mean/std; one zero-initialised
+  ``nn.Linear``; cosine lr over all steps; seeded shuffling.
+* Linear probe "paper path" (``linear_probe_augmented``): offline, frozen
+  encoder in eval mode, caller-supplied augmentation on each training batch,
+  zero-initialised ``nn.Linear`` trained with the given optimizer and cosine lr;
+  top-1/top-5 on the un-augmented test set.
+* Diagnostics (all on l2-normalised inputs unless stated): alignment and
+  uniformity of Wang & Isola 2020 (``alpha=2``, ``t=2``), the centre-vector
+  norm, ``||Sigma - I||_F^2`` of the feature correlation matrix, and the mean
+  per-dimension std (SimSiam's collapse indicator, ~1/sqrt(d) healthy, ~0 collapsed).
+
+Everything is pure torch, device-agnostic and keeps no global state.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UserError
+
+
+@torch.no_grad()
+def extract_features(encoder, loader, device, max_batches=None):
+    """Run ``encoder`` (in eval mode) over ``loader``; returns (float32 [N, D], labels [N]) on ``device``.
+
+    The encoder's previous train/eval mode is restored afterwards.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            f = encoder(x.to(device, non_blocking=True))
+            feats.append(f.flatten(1).float())
+            labels.append(y.to(device))
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- k-NN
+def _topk_neighbours(train_f, test_f, k, chunk):
+    """Top-k cosine similarities (descending) and bank indices for every query, in query chunks."""
+    bank = F.normalize(train_f, dim=1)
+    k = min(k, bank.shape[0])
+    sims, idx = [], []
+    for q in F.normalize(test_f, dim=1).split(chunk):
+        s, i = (q @ bank.T).topk(k, dim=1)  # sorted, most similar first
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def _vote(sims, nb_labels, num_classes, t, weighted):
+    """Class predictions [M] from neighbour similarities [M, k] and their labels [M, k]."""
+    def per_class(v):  # sum v over the neighbours of each class -> [M, C]
+        return torch.zeros(v.shape[0], num_classes, dtype=v.dtype, device=v.device).scatter_add_(1, nb_labels, v)
+    if weighted:
+        # exp(sim / t) up to a common per-query factor exp(-max / t): same argmax, no overflow for small t
+        return per_class(((sims - sims.max(1, keepdim=True).values) / t).exp()).argmax(1)
+    counts = per_class(torch.ones_like(sims))
+    tied = counts == counts.max(1, keepdim=True).values
+    return per_class(sims).masked_fill(~tied, -math.inf).argmax(1)  # argmax: first index among equal values
+
+
+def _num_classes(num_classes, *ys):
+    return num_classes if num_classes is not None else int(max(y.max() for y in ys)) + 1
+
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, k=200, t=0.1, num_classes=None, weighted=True, chunk=1024):
+    """Predicted class [M] of every test feature (see module docstring for the vote)."""
+    sims, idx = _topk_neighbours(train_f, test_f, k, chunk)
+    return _vote(sims, train_y.to(idx.device)[idx], _num_classes(num_classes, train_y), t, weighted)
+
+
+@torch.no_grad()
+def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_classes=None, weighted=True,
+                   chunk=1024):
+    """{"knn<k>": top-1 %} for every k in ``ks``; the top-max(ks) search is done once and sliced."""
+    sims, idx = _topk_neighbours(train_f, test_f, max(ks), chunk)
+    nb_labels = train_y.to(idx.device)[idx]
+    c = _num_classes(num_classes, train_y, test_y)
+    test_y = test_y.to(nb_labels.device)
+    out = {}
+    for k in ks:
+        pred = _vote(sims[:, :k], nb_labels[:, :k], c, t, weighted)
+        out[f"knn{k}"] = 100.0 * (pred == test_y).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, k=200, t=0.1, num_classes=None, weighted=True, chunk=1024):
+    """Top-1 % of the k-NN classifier (weighted: Wu et al. 2018, k=200, T=0.1)."""
+    return knn_accuracies(train_f, train_y, test_f, test_y, (k,), t, num_classes, weighted, chunk)[f"knn{k}"]
+
+
+# ----------------------------------------------------------------------------- linear probes
+def _make_optimizer(name, params, lr, weight_decay, momentum, nesterov=False):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UserError(f"linear probe optimizer must be sgd, adam or adamw, got {name!r}")
+
+
+def _cosine(opt, total_steps):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
+                                                                                 / max(total_steps, 1))))
+
+
+def _zero_linear(d, c, device):
+    head = nn.Linear(d, c).to(device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)  # zero init: deterministic without touching the global RNG (the loss is convex)
+    return head
+
+
+def _topk_correct(logits, y, num_classes):
+    top = logits.topk(min(5, num_classes), dim=1).indices
+    hit = top == y[:, None]
+    return hit[:, 0].sum().item(), hit.any(1).sum().item()
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=256, lr=0.1,
+                 weight_decay=0.0, optimizer="sgd", momentum=0.9, seed=0):
+    """Linear classifier on cached frozen features; returns {"top1": %, "top5": %} on the test features."""
+    device = train_f.device
+    xtr, xte = train_f.float(), test_f.float().to(device)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    ytr, yte = train_y.to(device), test_y.to(device)
+    head = _zero_linear(xtr.shape[1], num_classes, device)
+    opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum)
+    n = xtr.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = _cosine(opt, epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for b in torch.randperm(n, generator=gen).to(device).split(batch_size):
+                loss = F.cross_entropy(head(xtr[b]), ytr[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    with torch.no_grad():
+        c1, c5 = _topk_correct(head(xte), yte, num_classes)
+    return {"top1": 100.0 * c1 / len(yte), "top5": 100.0 * c5 / len(yte)}
+
+
+def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_loader, augment, device, epochs,
+                           lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False):
+    """Paper protocol: frozen encoder (eval, no grad), ``augment`` on every training batch (on ``device``),
+    linear head with the given optimizer and cosine lr over ``epochs * len(train_loader)`` steps.
+    Returns {"top1": %, "top5": %} on ``test_loader`` (no augmentation). Encoder mode is restored.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    head = _zero_linear(feat_dim, num_classes, device)
+    opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum, nesterov)
+    sched = _cosine(opt, epochs * len(train_loader))
+    try:
+        for _ in range(epochs):
+            for x, y in train_loader:
+                with torch.no_grad():
+                    f = encoder(augment(x.to(device, non_blocking=True))).flatten(1).float()
+                with torch.enable_grad():
+                    loss = F.cross_entropy(head(f), y.to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                sched.step()
+        c1 = c5 = n = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                y = y.to(device)
+                a, b = _topk_correct(head(encoder(x.to(device)).flatten(1).float()), y, num_classes)
+                c1, c5, n = c1 + a, c5 + b, n + len(y)
+    finally:
+        encoder.train(was_training)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def alignment(z1, z2, alpha=2):
+    """Wang & Isola 2020 alignment: mean over pairs of ||z1_i - z2_i||_2^alpha (l2-normalised rows)."""
+    return (F.normalize(z1, dim=1) - F.normalize(z2, dim=1)).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(z, t=2):
+    """Wang & Isola 2020 uniformity: log mean_{i != j} exp(-t ||z_i - z_j||^2) (l2-normalised rows).
+
+    Differentiable and stable: logsumexp over the off-diagonal entries minus log(n(n-1)); for unit
+    vectors ||a - b||^2 = 2 - 2 a.b, which avoids the non-differentiable sqrt at zero distance.
+    """
+    z = F.normalize(z, dim=1)
+    n = z.shape[0]
+    sq = (2 - 2 * z @ z.T).clamp_min(0)
+    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))
+
+
+def center_vector_norm(z):
+    """||s|| with s the mean of the l2-normalised rows (1: all rows identical, 0: centred)."""
+    return F.normalize(z, dim=1).mean(0).norm()
+
+
+def correlation_distance(f, eps=1e-8):
+    """||Sigma - I||_F^2 with Sigma the correlation matrix of the feature dims of ``f`` [N, D] over the batch."""
+    fc = f - f.mean(0)
+    zs = fc / (fc.pow(2).sum(0).div(f.shape[0] - 1).sqrt() + eps)
+    corr = zs.T @ zs / (f.shape[0] - 1)
+    return (corr - torch.eye(f.shape[1], dtype=f.dtype, device=f.device)).pow(2).sum()
+
+
+@torch.no_grad()
+def feature_std(z):
+    """Mean over dims of the per-dim (unbiased) std of the l2-normalised rows of ``z``."""
+    return F.normalize(z.float(), dim=1).std(0).mean().item()

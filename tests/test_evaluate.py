@@ -1,0 +1,243 @@
+"""Tests for common/evaluate.py: k-NN, linear probes and diagnostics against definitions in float64."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `common` imports without a conftest
+from common import evaluate as ev  # noqa: E402
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _brute_knn(train_f, train_y, test_f, k, t, num_classes, weighted):
+    """Reference k-NN written from the definition: python loops, float64."""
+    tr = train_f.double()
+    tr = tr / tr.norm(dim=1, keepdim=True)
+    preds = []
+    for q in test_f.double():
+        q = q / q.norm()
+        sims = [float(q @ tr[j]) for j in range(len(tr))]
+        order = sorted(range(len(tr)), key=lambda j: -sims[j])[: min(k, len(tr))]
+        score, count, ssum = [0.0] * num_classes, [0] * num_classes, [0.0] * num_classes
+        for j in order:
+            c = int(train_y[j])
+            score[c] += math.exp(sims[j] / t)
+            count[c] += 1
+            ssum[c] += sims[j]
+        if weighted:
+            key = lambda c: (score[c], -c)
+        else:
+            key = lambda c: (count[c], ssum[c], -c)
+        preds.append(max(range(num_classes), key=key))
+    return torch.tensor(preds)
+
+
+def _clusters(n_per, num_classes, dim, spread, seed):
+    g = _gen(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * 3
+    y = torch.arange(num_classes).repeat_interleave(n_per)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    return x, y
+
+
+# ----------------------------------------------------------------------------- k-NN
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_knn_matches_bruteforce(weighted, k):
+    g = _gen(10 + k)
+    train_f, test_f = torch.randn(150, 12, generator=g), torch.randn(40, 12, generator=g)
+    train_y, test_y = torch.randint(0, 4, (150,), generator=g), torch.randint(0, 4, (40,), generator=g)
+    ref = _brute_knn(train_f, train_y, test_f, k, 0.1, 4, weighted)
+    pred = ev.knn_predict(train_f, train_y, test_f, k=k, t=0.1, num_classes=4, weighted=weighted, chunk=16)
+    assert torch.equal(pred, ref)
+    acc = ev.knn_accuracy(train_f, train_y, test_f, test_y, k=k, num_classes=4, weighted=weighted, chunk=16)
+    assert acc == pytest.approx(100.0 * (ref == test_y).double().mean().item())
+
+
+def test_knn_small_temperature_no_overflow():
+    g = _gen(3)
+    train_f, test_f = torch.randn(100, 8, generator=g), torch.randn(20, 8, generator=g)
+    train_y = torch.randint(0, 3, (100,), generator=g)
+    ref = _brute_knn(train_f, train_y, test_f, 15, 0.05, 3, True)
+    assert torch.equal(ev.knn_predict(train_f, train_y, test_f, k=15, t=0.05, num_classes=3), ref)
+    pred = ev.knn_predict(train_f, train_y, test_f, k=15, t=0.005, num_classes=3)  # exp(200) overflows fp32
+    assert torch.equal(pred, ev.knn_predict(train_f, train_y, test_f, k=1, num_classes=3))
+
+
+def test_knn_unweighted_tie_goes_to_larger_similarity_sum():
+    ang = torch.tensor([10.0, 80.0, 30.0, 40.0]).deg2rad()  # class 0 owns the nearest, class 1 the larger sum
+    train_f = torch.stack([ang.cos(), ang.sin()], 1)
+    train_y = torch.tensor([0, 0, 1, 1])
+    q = torch.tensor([[1.0, 0.0]])
+    assert ev.knn_predict(train_f, train_y, q, k=4, weighted=False).item() == 1
+    assert ev.knn_predict(train_f, train_y, q, k=1, weighted=False).item() == 0
+
+
+def test_knn_clustered_is_perfect():
+    x, y = _clusters(60, 5, 16, 0.1, seed=1)
+    xt, yt = _clusters(20, 5, 16, 0.1, seed=1)  # same centres, the noise repeats too: use another noise draw
+    xt = xt + 0.1 * torch.randn(xt.shape, generator=_gen(2))
+    assert ev.knn_accuracy(x, y, xt, yt) == 100.0  # k=200 > 60 per class: weights must do the work
+    assert ev.knn_accuracy(x, y, xt, yt, k=20, weighted=False) == 100.0
+
+
+def test_knn_k_larger_than_bank():
+    g = _gen(4)
+    train_f, train_y = torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+    test_f, test_y = torch.randn(25, 6, generator=g), torch.randint(0, 3, (25,), generator=g)
+    for weighted in (True, False):
+        ref = _brute_knn(train_f, train_y, test_f, 30, 0.1, 3, weighted)
+        assert torch.equal(ev.knn_predict(train_f, train_y, test_f, k=200, weighted=weighted), ref)
+    accs = ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(5, 20, 200))
+    assert set(accs) == {"knn5", "knn20", "knn200"}
+    assert accs["knn200"] == ev.knn_accuracy(train_f, train_y, test_f, test_y, k=30)
+
+
+def test_knn_accuracies_reuse_matches_single_k():
+    g = _gen(5)
+    train_f, train_y = torch.randn(200, 10, generator=g), torch.randint(0, 5, (200,), generator=g)
+    test_f, test_y = torch.randn(60, 10, generator=g), torch.randint(0, 5, (60,), generator=g)
+    for weighted in (True, False):
+        accs = ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(5, 20, 200), weighted=weighted, chunk=7)
+        for k in (5, 20, 200):
+            assert accs[f"knn{k}"] == ev.knn_accuracy(train_f, train_y, test_f, test_y, k=k, weighted=weighted)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def _unit(n, d, seed):
+    z = torch.randn(n, d, generator=_gen(seed), dtype=torch.float64)
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def test_uniformity_matches_double_loop_and_pdist():
+    z = _unit(25, 5, 0)
+    for t in (2, 0.5):
+        terms = [math.exp(-t * float((z[i] - z[j]).pow(2).sum())) for i in range(25) for j in range(25) if i != j]
+        ref = math.log(sum(terms) / len(terms))
+        assert ev.uniformity(z, t=t).item() == pytest.approx(ref, rel=1e-10)
+        assert ev.uniformity(3 * z, t=t).item() == pytest.approx(ref, rel=1e-10)  # normalises its input
+        pd = torch.pdist(z).pow(2).mul(-t).exp().mean().log().item()
+        assert ev.uniformity(z.float(), t=t).item() == pytest.approx(pd, rel=1e-4)
+
+
+def test_uniformity_gradient_spreads_points():
+    z = (torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(64, 3, generator=_gen(1))).requires_grad_()
+    opt = torch.optim.SGD([z], lr=20.0)  # the mean over n(n-1) pairs makes per-point gradients O(1/n)
+    start = ev.uniformity(z).item()
+    for _ in range(30):
+        loss = ev.uniformity(z)
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+        opt.step()
+    assert ev.uniformity(z).item() < start - 0.5
+    assert ev.center_vector_norm(z.detach()).item() < 0.9  # no longer all pointing one way
+
+
+def test_alignment_matches_loop():
+    a, b = 2 * _unit(30, 6, 2), _unit(30, 6, 3)
+    a_n = a / a.norm(dim=1, keepdim=True)
+    for alpha in (2, 1):
+        ref = sum(float((a_n[i] - b[i]).norm()) ** alpha for i in range(30)) / 30
+        assert ev.alignment(a, b, alpha=alpha).item() == pytest.approx(ref, rel=1e-10)
+    assert ev.alignment(a, 5 * a).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_center_vector_norm():
+    z = torch.randn(40, 7, generator=_gen(4), dtype=torch.float64)
+    s = sum(z[i] / z[i].norm() for i in range(40)) / 40
+    assert ev.center_vector_norm(z).item() == pytest.approx(float(s.norm()), rel=1e-10)
+    assert ev.center_vector_norm(torch.tensor([[3.0, 4.0]] * 10)).item() == pytest.approx(1.0, rel=1e-6)
+    u = torch.randn(16, 7, generator=_gen(5))
+    assert ev.center_vector_norm(torch.cat([u, -2 * u])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_correlation_distance():
+    f = torch.randn(50, 6, generator=_gen(6), dtype=torch.float64) @ torch.randn(6, 6, generator=_gen(7),
+                                                                                dtype=torch.float64)
+    n, d = f.shape
+    mu = [sum(f[i, a] for i in range(n)) / n for a in range(d)]
+    cov = [[sum((f[i, a] - mu[a]) * (f[i, b] - mu[b]) for i in range(n)) for b in range(d)] for a in range(d)]
+    ref = sum((float(cov[a][b] / math.sqrt(cov[a][a] * cov[b][b])) - (a == b)) ** 2
+              for a in range(d) for b in range(d))
+    assert ev.correlation_distance(f).item() == pytest.approx(ref, rel=1e-6)
+    indep = torch.randn(20000, 8, generator=_gen(8))
+    assert ev.correlation_distance(indep).item() < 0.05
+    dup = indep[:, :1].repeat(1, 8)
+    assert ev.correlation_distance(dup).item() == pytest.approx(8 * 8 - 8, rel=1e-3)
+
+
+def test_feature_std():
+    healthy = ev.feature_std(torch.randn(4000, 64, generator=_gen(9)))
+    assert healthy == pytest.approx(1 / math.sqrt(64), rel=0.05)
+    collapsed = torch.randn(1, 64, generator=_gen(10)).repeat(500, 1) + 1e-6 * torch.randn(500, 64)
+    assert ev.feature_std(collapsed) < 1e-4
+
+
+# ----------------------------------------------------------------------------- probes and extraction
+def test_linear_probe_separable():
+    x, y = _clusters(100, 4, 32, 1.0, seed=11)
+    xt, yt = _clusters(50, 4, 32, 1.0, seed=11)
+    xt = xt + torch.randn(xt.shape, generator=_gen(12))
+    x = 5 * x + 7  # standardisation makes the probe scale/shift invariant
+    xt = 5 * xt + 7
+    res = ev.linear_probe(x, y, xt, yt, num_classes=4, epochs=20, batch_size=64, lr=0.1)
+    assert res["top1"] > 95 and res["top5"] == 100.0
+    assert res == ev.linear_probe(x, y, xt, yt, num_classes=4, epochs=20, batch_size=64, lr=0.1)  # seeded
+    res_adam = ev.linear_probe(x, y, xt, yt, num_classes=4, epochs=20, lr=1e-2, optimizer="adamw")
+    assert res_adam["top1"] > 95
+    chance = ev.linear_probe(x, y[torch.randperm(len(y), generator=_gen(13))], xt, yt, num_classes=4, epochs=20)
+    assert chance["top1"] < 60  # shuffled labels: nothing to learn
+
+
+def _image_loader(n_per, seed, shuffle, batch_size=32):
+    g = _gen(seed)
+    centres = torch.randn(3, 3, 4, 4, generator=_gen(100))
+    y = torch.arange(3).repeat_interleave(n_per)
+    x = centres[y] + 0.3 * torch.randn(len(y), 3, 4, 4, generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def _tiny_encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU())
+
+
+def test_extract_features_restores_mode_and_shapes():
+    enc = _tiny_encoder()
+    loader = _image_loader(20, 0, shuffle=False, batch_size=16)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    f, y = ev.extract_features(enc, loader, "cpu")
+    assert enc.training and f.shape == (60, 16) and f.dtype == torch.float32 and y.shape == (60,)
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # eval mode: BN stats untouched
+    enc.eval()
+    f2, _ = ev.extract_features(enc, loader, "cpu", max_batches=2)
+    assert not enc.training and f2.shape == (32, 16) and torch.equal(f2, f[:32])
+    assert not f.requires_grad
+
+
+def test_linear_probe_augmented():
+    enc = _tiny_encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    train, test = _image_loader(60, 1, shuffle=True), _image_loader(30, 2, shuffle=False)
+    calls = []
+
+    def augment(x):
+        calls.append(x.shape[0])
+        return x
+
+    res = ev.linear_probe_augmented(enc, 16, 3, train, test, augment, "cpu", epochs=5, lr=0.1, nesterov=True)
+    assert len(calls) == 5 * len(train) and sum(calls) == 5 * 180
+    assert res["top1"] > 90 and res["top5"] == 100.0
+    assert enc.training  # mode restored
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # frozen, BN stats untouched
+    assert all(p.grad is None for p in enc.parameters())
+    with pytest.raises(Exception):
+        ev.linear_probe_augmented(enc, 16, 3, train, test, augment, "cpu", epochs=1, lr=0.1, optimizer="lbfgs")
