@@ -60,7 +60,7 @@ def _topk_neighbours(train_f, test_f, k, chunk):
     bank = F.normalize(train_f, dim=1)
     k = min(k, bank.shape[0])
     sims, idx = [], []
-    for q in F.normalize(test_f, dim=1).split(chunk):
+    for q in F.normalize(test_f.to(bank), dim=1).split(chunk):
         s, i = (q @ bank.T).topk(k, dim=1)  # sorted, most similar first
         sims.append(s)
         idx.append(i)
@@ -101,7 +101,7 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_class
     out = {}
     for k in ks:
         pred = _vote(sims[:, :k], nb_labels[:, :k], c, t, weighted)
-        out[f"knn{k}"] = 100.0 * (pred == test_y).float().mean().item()
+        out[f"knn{k}"] = 100.0 * (pred == test_y).double().mean().item()
     return out
 
 
