@@ -1,0 +1,291 @@
+"""BYOL/SimCLR view augmentations: a per-image CPU path and a batched on-device path.
+
+Pipeline (Grill et al. 2020, "BYOL", App. B; BYOL-MHE App. B.2), every probability and
+strength read from the config section ``augment``:
+
+1. random resized crop, scale U(0.08, 1), log-aspect-ratio U(log 3/4, log 4/3), bicubic;
+2. horizontal flip, p = 0.5;
+3. colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), applied with
+   p = 0.8, its four ops in a random order drawn per image;
+4. grayscale, p = 0.2 (luma 0.2989 R + 0.5870 G + 0.1140 B);
+5. Gaussian blur, kernel 23 at 224 px (10% of the side, odd), sigma U(0.1, 2);
+6. solarisation x -> x if x < 0.5 else 1 - x;
+7. per-channel normalisation with the dataset's mean/std.
+
+BYOL's views are asymmetric: view 1 blurs with p = 1.0 and never solarises, view 2 blurs
+with p = 0.1 and solarises with p = 0.2.  ``blur_p`` / ``solarize_p`` are per-view lists;
+view j uses entry j % len(list), so MSBReg's K views alternate the BYOL pair.
+
+Two implementations of the same distribution:
+
+* ``cpu_view``: torchvision.transforms.v2, one image at a time (in DataLoader workers).
+  Crop and flip run on uint8 (torchvision's fast bicubic, antialiased), the rest on
+  float32 in [0, 1].
+* ``batched_view``: one pass over a uint8 batch [B, C, H, W] on the training device, each
+  sample with its own parameters, no host syncs, only ``generator`` as RNG.
+
+They are kept in agreement by construction and by test: every op below follows the
+torchvision kernel it replaces (same sampling rules, same formulas, clamping where
+torchvision clamps), tests/test_augment.py compares each op with torchvision on fixed
+parameters and compares output statistics of the two paths over thousands of views.
+Known small differences: the CPU path rounds to uint8 after the crop and antialiases
+when it shrinks (the batched path does not; for CIFAR-sized data the crop is only ever
+enlarged), and the two paths draw different random numbers.
+"""
+from collections.abc import Mapping
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+from common.config import UserError
+
+BICUBIC = T.InterpolationMode.BICUBIC
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601) grayscale weights
+
+
+def blur_kernel_size(size: int) -> int:
+    """BYOL: kernel 23 at 224 px, i.e. 10% of the side, made odd, at least 3."""
+    return max(3, int(0.1 * size) | 1)
+
+
+def view_specs(aug: Mapping, n_views: int) -> list[dict]:
+    """One parameter dict per view; per-view lists (blur_p, solarize_p) are cycled."""
+    def per_view(value, j):
+        return float(value[j % len(value)] if isinstance(value, (list, tuple)) else value)
+
+    return [dict(crop_scale=tuple(aug["crop_scale"]), crop_ratio=tuple(aug["crop_ratio"]),
+                 flip_p=float(aug["flip_p"]), jitter=tuple(aug["jitter"]),
+                 jitter_p=float(aug["jitter_p"]), gray_p=float(aug["gray_p"]),
+                 blur_p=per_view(aug["blur_p"], j), blur_sigma=tuple(aug["blur_sigma"]),
+                 solarize_p=per_view(aug["solarize_p"], j))
+            for j in range(n_views)]
+
+
+# ---------------------------------------------------------------------------- CPU path
+def cpu_view(size: int, spec: dict, mean, std) -> T.Compose:
+    """Per-image view transform: PIL image or uint8 CHW tensor -> normalised float32 CHW."""
+    return T.Compose([
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=spec["crop_scale"], ratio=spec["crop_ratio"],
+                            interpolation=BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(spec["flip_p"]),
+        T.ToDtype(torch.float32, scale=True),
+        T.RandomApply([T.ColorJitter(*spec["jitter"])], p=spec["jitter_p"]),
+        T.RandomGrayscale(spec["gray_p"]),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(size), spec["blur_sigma"])],
+                      p=spec["blur_p"]),
+        T.RandomSolarize(0.5, p=spec["solarize_p"]),
+        T.Normalize(list(mean), list(std)),
+    ])
+
+
+# ------------------------------------------------------------------------ batched path
+# Each op takes x float [B, C, H, W] in [0, 1] and per-sample parameters shaped [B, 1, 1, 1].
+def _luma(x):
+    return x if x.shape[1] == 1 else sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA))
+
+
+def _blend(x, other, factor):  # torchvision's _blend: clamp to [0, 1]
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def _brightness(x, f):
+    return (x * f).clamp(0, 1)
+
+
+def _contrast(x, f):  # blend with the mean of the grayscale image, as torchvision does
+    return _blend(x, _luma(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def _saturation(x, f):
+    return _blend(x, _luma(x), f)
+
+
+def _hue(x, shift):
+    """True HSV hue rotation by ``shift`` turns: rgb -> (h, s, v), h += shift, -> rgb."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    v, argmax = x.max(1)
+    chroma = v - x.min(1).values  # = v * s
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h6 = torch.where(argmax == 0, (g - b) / c,
+                     torch.where(argmax == 1, (b - r) / c + 2, (r - g) / c + 4))
+    h6 = torch.where(chroma > 0, h6, 0) + 6 * shift[:, 0]  # hue in sixths of a turn
+    # hsv -> rgb: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 h) mod 6
+    k = torch.stack([(h6 + n) % 6 for n in (5, 3, 1)], 1)
+    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _uniform(rand, lo, hi, batch):
+    return (lo + (hi - lo) * rand(batch)).view(batch, 1, 1, 1)
+
+
+def _jitter_order(rand, batch):
+    """A random permutation of the 4 jitter ops per sample, [B, 4] (argsort of uniforms)."""
+    return rand(batch, 4).argsort(1)
+
+
+def _jitter(x, strengths, rand):
+    """ColorJitter with per-sample factors and op order; each of the 4 slots evaluates all
+    4 ops and keeps, per sample, the one that sample's permutation puts in that slot."""
+    batch = x.shape[0]
+    b, c, s, h = strengths
+    ops = [functools.partial(_brightness, f=_uniform(rand, max(0, 1 - b), 1 + b, batch)),
+           functools.partial(_contrast, f=_uniform(rand, max(0, 1 - c), 1 + c, batch)),
+           functools.partial(_saturation, f=_uniform(rand, max(0, 1 - s), 1 + s, batch)),
+           functools.partial(_hue, shift=_uniform(rand, -h, h, batch))]
+    order = _jitter_order(rand, batch)
+    for slot in range(4):
+        pick = order[:, slot].view(1, batch, 1, 1, 1).expand(1, *x.shape)
+        x = torch.stack([op(x) for op in ops]).gather(0, pick)[0]
+    return x
+
+
+def _gaussian_blur(x, kernel_size, sigma):
+    """Separable Gaussian blur with per-sample sigma [B]: one grouped conv per axis,
+    reflect padding and kernel exp(-t^2 / 2 sigma^2) normalised, as torchvision."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
+    g = torch.exp(-0.5 * (t / sigma.view(B, 1)) ** 2)
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, k]
+    y = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    y = F.conv2d(y, g.view(B * C, 1, 1, kernel_size), groups=B * C)
+    y = F.conv2d(y, g.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def _sample_boxes(rand, batch, height, width, scale, ratio, trials=10):
+    """RandomResizedCrop's box sampler, vectorised: ``trials`` candidates per sample, the
+    first that fits wins; none fits -> centre crop at the clamped aspect ratio."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * rand(batch, trials))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * rand(batch, trials))
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # first fitting candidate (0 if none)
+    found = fits.any(1)
+    in_ratio = width / height  # fallback, as torchvision (plain Python: no sync)
+    fw = width if in_ratio <= max(ratio) else round(height * max(ratio))
+    fh = height if in_ratio >= min(ratio) else round(width / min(ratio))
+    w = torch.where(found, w.gather(1, first)[:, 0], fw)
+    h = torch.where(found, h.gather(1, first)[:, 0], fh)
+    top = torch.minimum((rand(batch) * (height - h + 1)).floor(), height - h)
+    left = torch.minimum((rand(batch) * (width - w + 1)).floor(), width - w)
+    top = torch.where(found, top, (height - fh) // 2)
+    left = torch.where(found, left, (width - fw) // 2)
+    return top, left, h, w
+
+
+def _resized_crop(x, top, left, h, w, flip, size):
+    """Crop box (per sample) + optional horizontal flip + bicubic resize to size x size in
+    one grid_sample: boxes differ per sample, so no batched crop op exists; an affine
+    grid per sample does all three at once, bicubic (a = -0.75, half-pixel centres,
+    replicated border) like torch's resize that the CPU path's crop uses."""
+    B, C, H, W = x.shape
+    sx = torch.where(flip, -w / W, w / W)  # flip = mirror the x axis of the output
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * left + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def _apply_with_p(x, p, op, rand):
+    """x -> op(x) for a random subset of samples, each independently with probability p."""
+    if p <= 0:
+        return x
+    return torch.where(rand(x.shape[0]).view(-1, 1, 1, 1) < p, op(x), x)
+
+
+def batched_view(x: torch.Tensor, size: int, spec: dict, mean, std,
+                 generator=None) -> torch.Tensor:
+    """uint8 [B, C, H, W] on any device -> normalised float32 [B, C, size, size] there."""
+    rand = functools.partial(torch.rand, generator=generator, device=x.device)
+    B, C, H, W = x.shape
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    box = _sample_boxes(rand, B, H, W, spec["crop_scale"], spec["crop_ratio"])
+    x = _resized_crop(x, *box, rand(B) < spec["flip_p"], size).clamp(0, 1)
+    x = _apply_with_p(x, spec["jitter_p"], lambda y: _jitter(y, spec["jitter"], rand), rand)
+    x = _apply_with_p(x, spec["gray_p"], lambda y: _luma(y).expand_as(y), rand)
+    lo, hi = spec["blur_sigma"]
+    x = _apply_with_p(x, spec["blur_p"], lambda y: _gaussian_blur(
+        y, blur_kernel_size(size), lo + (hi - lo) * rand(B)), rand)
+    x = _apply_with_p(x, spec["solarize_p"], lambda y: torch.where(y >= 0.5, 1 - y, y), rand)
+    mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                 for v in (mean, std))
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------- data-side helpers
+class MultiViewDataset(torch.utils.data.Dataset):
+    """``base[i] = (img, label)`` -> ``([t(img) for t in transforms], label)``.
+
+    Torch's RNG is seeded from (seed, epoch, i) inside ``__getitem__`` (and restored
+    afterwards), so item i of an epoch is the same whatever the worker count or order;
+    call ``set_epoch`` every epoch (not seen by ``persistent_workers``)."""
+
+    def __init__(self, base, transforms: list, seed: int):
+        self.base, self.transforms, self.seed, self.epoch = base, list(transforms), seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
+            return [t(img) for t in self.transforms], label
+
+
+class ViewMaker:
+    """The K training views of a batch, on either path (``aug["path"]``)."""
+
+    def __init__(self, aug: Mapping, n_views: int, size: int, mean, std, device, seed: int):
+        self.path = aug["path"]
+        if self.path not in ("batched", "cpu"):
+            raise UserError(f"augment.path: got {self.path!r}; valid choices: batched, cpu")
+        self.specs, self.size, self.device = view_specs(aug, n_views), size, torch.device(device)
+        self.mean, self.std = list(mean), list(std)
+        # device copies made once here, so that batched_view never copies from the host
+        self._mean, self._std = (torch.tensor(v, device=self.device) for v in (mean, std))
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, batch):
+        if self.path == "cpu":  # list of K float batches made by cpu_transforms()
+            return [v.to(self.device, non_blocking=True) for v in batch]
+        x = batch.to(self.device, non_blocking=True)
+        return [batched_view(x, self.size, s, self._mean, self._std, self.generator)
+                for s in self.specs]
+
+    def cpu_transforms(self) -> list:
+        return [cpu_view(self.size, s, self.mean, self.std) for s in self.specs]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd: dict):
+        self.generator.set_state(sd["generator"])
+
+
+def eval_transform(name: str, size: int, mean, std) -> T.Compose:
+    """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch."""
+    if name in ("imagenet", "imagenet100"):  # resize 256, centre crop 224 (at 224)
+        geometry = [T.Resize(round(size * 256 / 224), interpolation=BICUBIC, antialias=True),
+                    T.CenterCrop(size)]
+    elif name in ("cifar10", "cifar100"):  # BYOL-MHE App. B.2: centre crop 28, resize 32
+        geometry = [T.CenterCrop(round(size * 28 / 32)),
+                    T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
+    else:  # no-op when the image already has that size
+        geometry = [T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
+    return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(list(mean), list(std))])
