@@ -1,7 +1,26 @@
-"""Config: YAML loading, dotted command-line overrides, strict checking.
+"""Config: defaults, YAML file, dotted command-line overrides, strict checking.
 
-(stub: being written; UserError and Cfg are final)
+Resolution order (later wins)::
+
+    BASE defaults  <-  the script's METHOD defaults  <-  data.PRESETS[data.name]
+                   <-  --config FILE.yaml            <-  --set key.sub=value ...
+
+Strict: every key of the file and of ``--set`` must exist in the defaults, its
+value must have the default's type (an int is accepted for a float), values in
+``CHOICES`` must be one of the listed ones, and a default of ``REQUIRED`` must
+be given. Any violation raises ``UserError`` naming the key and what is valid.
+``null`` defaults accept any value.
+
+Usage in a script::
+
+    cfg = parse(sys.argv[1:], METHOD_DEFAULTS, METHOD_CHOICES, method="byol_uniform")
 """
+import argparse
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
 
 
 class UserError(Exception):
@@ -23,9 +42,257 @@ class Cfg(dict):
     def __setattr__(self, key, value):
         self[key] = value
 
+    def __deepcopy__(self, memo):
+        return Cfg.wrap(copy.deepcopy(dict(self), memo))
+
     @staticmethod
     def wrap(d):
         """Recursively turn nested dicts into Cfg."""
         if isinstance(d, dict):
             return Cfg({k: Cfg.wrap(v) for k, v in d.items()})
         return d
+
+    def plain(self):
+        """Nested plain dicts (for YAML/JSON)."""
+        return {k: (v.plain() if isinstance(v, Cfg) else v) for k, v in self.items()}
+
+
+REQUIRED = "???"
+
+# Defaults shared by every method script. Each script adds/overrides its own.
+BASE = {
+    "name": None,            # run name; default: the config file's stem
+    "out_dir": "runs",       # run folder = out_dir/<method>/<name>
+    "seed": 0,
+    "device": "auto",        # auto: cuda if available else cpu
+    "resume": "none",        # none | auto (last checkpoint of the run folder) | path/to/checkpoint.pt
+    "precision": "fp32",     # fp32 | bf16 (autocast)
+    "channels_last": False,  # memory format for conv nets on CUDA
+    "data": {
+        "name": "synthetic",
+        "root": "data",
+        "download": False,   # only true ever downloads
+        "image_size": 32,    # size of the training views
+        "val_split": False,  # hold out a validation split (BYOL-MHE App. B.1) and evaluate on it
+        "workers": 4,
+        "synthetic": {"train_size": 10000, "test_size": 2000, "size": 32, "classes": 10, "seed": 0},
+    },
+    "augment": {             # BYOL views (Grill et al.; BYOL-MHE App. B.2)
+        "path": "batched",   # batched: per-sample random ops on the training device | cpu: torchvision v2 in workers
+        "crop_scale": [0.08, 1.0],
+        "crop_ratio": [0.75, 4.0 / 3.0],
+        "flip_p": 0.5,
+        "jitter": [0.4, 0.4, 0.2, 0.1],  # brightness, contrast, saturation, hue
+        "jitter_p": 0.8,
+        "gray_p": 0.2,
+        "blur_p": [1.0, 0.1],            # per view (BYOL's asymmetric pair)
+        "blur_sigma": [0.1, 2.0],
+        "solarize_p": [0.0, 0.2],        # per view
+    },
+    "model": {
+        "arch": "resnet18",
+        "width": 64,               # 64 = torchvision's ResNet; smaller for CPU-sized runs
+        "cifar_stem": True,        # 3x3 stride-1 conv, no max-pool
+        "norm": "bn",              # bn | gn | ln | none (no-BN ablations)
+        "zero_init_residual": False,
+        "sync_bn": True,           # SyncBatchNorm when training on more than one process
+        "proj_hidden": 4096,
+        "proj_dim": 256,
+        "pred_hidden": 4096,
+    },
+    "optim": {
+        "name": "lars",            # lars | sgd | adam | adamw
+        "lr": 0.3,                 # base lr, scaled by lr_scaling
+        "lr_scaling": "linear",    # linear: lr = base * batch_size * accum_steps / 256 | none
+        "weight_decay": 1.0e-6,
+        "momentum": 0.9,
+        "eta": 0.001,              # LARS trust coefficient
+        "exclude_bias_norm": True,  # no weight decay / LARS adaptation for biases and norm parameters
+        "betas": [0.9, 0.999],     # adam/adamw
+        "epochs": 100,
+        "warmup_epochs": 10,
+        "batch_size": 256,         # global batch of one forward (all processes together)
+        "accum_steps": 1,          # optimizer (and EMA) step every N forwards
+        "clip_grad": 0.0,          # 0: off
+    },
+    "ema": {"tau": 0.99, "schedule": "cosine"},  # cosine: 1-(1-tau)(cos(pi k/K)+1)/2 | constant
+    "eval": {
+        "every": 1,                # epochs between kNN evaluations (0: only at the end)
+        "knn_k": [200],            # first entry is the monitored kNN
+        "knn_t": 0.1,
+        "batch_size": 512,
+        "linear": "fast",          # fast: on cached features | paper: augmented, frozen encoder | none
+        "linear_epochs": 100,
+        "linear_lr": 0.2,
+        "linear_batch_size": 256,
+        "linear_weight_decay": 0.0,
+        "linear_optimizer": "sgd",
+    },
+    "log": {"every": 10, "progress": True},  # steps between metric lines; tqdm bar on rank 0
+    "checkpoint": {
+        "every": 1,                # epochs between writes of checkpoints/last.pt
+        "keep_every": 0,           # also keep checkpoints/epoch_XXXX.pt every N epochs (0: never)
+        "every_steps": 0,          # also write last.pt every N optimizer steps (0: never)
+        "stop_after_step": 0,      # testing: write last.pt and exit after this step, as if killed (0: never)
+    },
+    "dist": {
+        "nproc": 1,                # >1: spawn N local processes (ignored under torchrun / srun)
+        "backend": "auto",         # auto: nccl on CUDA, gloo on CPU
+    },
+}
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16"),
+    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "toy2d"),
+    "augment.path": ("batched", "cpu"),
+    "model.arch": ("resnet18", "resnet34", "resnet50"),
+    "model.norm": ("bn", "gn", "ln", "none"),
+    "optim.name": ("lars", "sgd", "adam", "adamw"),
+    "optim.lr_scaling": ("linear", "none"),
+    "ema.schedule": ("cosine", "constant"),
+    "eval.linear": ("fast", "paper", "none"),
+    "eval.linear_optimizer": ("sgd", "adam"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def merge(base, new):
+    """Deep-merge ``new`` into a copy of ``base`` (no checking)."""
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _typename(v):
+    return type(v).__name__
+
+
+def _check(defaults, user, where, prefix=""):
+    """Check ``user`` against ``defaults`` recursively; return it with ints cast to float where needed."""
+    if not isinstance(user, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {_typename(user)} ({where})")
+    out = {}
+    for k, v in user.items():
+        key = prefix + str(k)
+        if k not in defaults:
+            valid = sorted(defaults)
+            near = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+            raise UserError(f"unknown config key '{key}' ({where}).{hint} Valid keys"
+                            f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(valid)}")
+        d = defaults[k]
+        if isinstance(d, dict):
+            out[k] = _check(d, v, where, key + ".")
+        else:
+            out[k] = _check_value(key, d, v, where)
+    return out
+
+
+def _check_value(key, default, v, where):
+    if default is None or default == REQUIRED:
+        return v
+    if isinstance(default, bool):
+        ok = isinstance(v, bool)
+    elif isinstance(default, int):
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif isinstance(default, float):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        v = float(v) if ok else v
+    elif isinstance(default, list):
+        ok = isinstance(v, list)
+        if ok and default and all(isinstance(x, float) for x in default):
+            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            v = [float(x) for x in v] if ok else v
+    else:
+        ok = isinstance(v, type(default))
+    if not ok:
+        raise UserError(f"config key '{key}' expects {_typename(default)} (like {default!r}), "
+                        f"got {_typename(v)} {v!r} ({where})")
+    return v
+
+
+def _check_resolved(cfg, choices, prefix=""):
+    for k, v in cfg.items():
+        key = prefix + k
+        if isinstance(v, dict):
+            _check_resolved(v, choices, key + ".")
+        elif v == REQUIRED:
+            raise UserError(f"missing required config value '{key}': set it in the YAML file or with --set {key}=...")
+        elif key in choices and v not in choices[key]:
+            raise UserError(f"config key '{key}' = {v!r} is not one of: {', '.join(map(str, choices[key]))}")
+
+
+def parse_overrides(items):
+    """``["optim.lr=0.5", "data.name=cifar100"]`` -> nested dict, values parsed as YAML scalars."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key.sub=value (e.g. --set optim.lr=0.5)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path.resolve()} (pass --config path/to/file.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return data
+
+
+def resolve(defaults, user_layers, choices=CHOICES, presets=None):
+    """Merge checked ``user_layers`` [(dict, where), ...] over ``defaults`` (+ dataset preset)."""
+    checked = [_check(defaults, layer, where) for layer, where in user_layers]
+    name = defaults["data"]["name"]
+    for layer in checked:
+        name = layer.get("data", {}).get("name", name)
+    cfg = defaults
+    if presets and name in presets:
+        cfg = merge(cfg, _check(defaults, presets[name], f"preset of dataset {name}"))
+    for layer in checked:
+        cfg = merge(cfg, layer)
+    _check_resolved(cfg, choices)
+    return Cfg.wrap(cfg)
+
+
+def parse(argv, method_defaults=None, method_choices=None, method="run"):
+    """Parse ``--config FILE --set k=v ...`` into a resolved, checked ``Cfg``."""
+    from common.data import PRESETS  # dataset presets (image size, CIFAR: no blur)
+
+    ap = argparse.ArgumentParser(description=f"{method}: see the script's docstring and README.")
+    ap.add_argument("--config", help="YAML config file (keys as in the defaults)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
+                    help="dotted overrides, e.g. --set optim.lr=0.5 data.name=cifar100")
+    args = ap.parse_args(argv)
+    defaults = merge(BASE, method_defaults or {})
+    layers = []
+    if args.config:
+        layers.append((load_yaml(args.config), f"in {args.config}"))
+    layers.append((parse_overrides(args.set), "from --set"))
+    cfg = resolve(defaults, layers, {**CHOICES, **(method_choices or {})}, PRESETS)
+    if cfg.name is None:
+        cfg.name = Path(args.config).stem if args.config else "default"
+    return cfg
+
+
+def save(cfg, path):
+    """Write the resolved config as YAML (the run folder's config.yaml)."""
+    Path(path).write_text(yaml.safe_dump(cfg.plain(), sort_keys=False))
+
+
+def dump(cfg):
+    return yaml.safe_dump(cfg.plain(), sort_keys=False)

@@ -1,0 +1,204 @@
+"""Distributed training: the launcher and the few collective helpers the scripts use.
+
+``launch(train, cfg)`` runs ``train(cfg)`` in every process:
+
+- ``torchrun --nproc_per_node=N script.py ...`` (single or multi node: torchrun's
+  rendezvous sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT);
+- ``srun python script.py ...`` under SLURM (read from ``SLURM_PROCID``,
+  ``SLURM_NTASKS``, ``SLURM_LOCALID``; MASTER_ADDR must be exported in the batch
+  script, e.g. the first host of ``scontrol show hostnames``);
+- ``dist.nproc: N`` spawns N local processes (``torch.multiprocessing``);
+- otherwise one process, no process group.
+
+NCCL on CUDA, Gloo on CPU. Each rank seeds ``seed + rank`` for its data and
+augmentation randomness; models are built from the same seed on every rank and
+DDP broadcasts rank 0's weights anyway. ``all_gather_grad`` concatenates a
+tensor over ranks and keeps the gradient path, so a loss over batch statistics
+(uniformity, covariance, centre vector) sees the global batch; with DDP's
+gradient averaging the result equals the one-process gradient (each rank's
+loss computes the same global term; the gather's backward sums the ranks'
+gradients; DDP divides by the world size).
+
+A ``UserError`` anywhere is printed as one line (``error: ...``) and the
+process exits with status 2.
+"""
+import os
+import random
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+
+from common.config import UserError
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device(cfg):
+    """The training device of this process: ``cuda:LOCAL_RANK`` or ``cpu``."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("device: cuda was asked for but no CUDA GPU is visible; set device=cpu")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_gather_grad(x):
+    """Concatenate ``x`` from all ranks along dim 0, differentiably (identity on one process)."""
+    if world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(x):
+    """Average a (detached) tensor over ranks, for logging."""
+    if world_size() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU/Gloo (torch's runs on GPUs only): batch statistics over all ranks.
+
+    Two differentiable all-reduces (mean, then centred second moment), so gradients
+    flow through the global statistics exactly as in one process with the whole batch.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = torch.tensor(x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+        n = dist_nn.all_reduce(n)
+        mean = dist_nn.all_reduce(x.sum(dims)) / n
+        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_bn(module, on_cuda):
+    """Replace every BatchNorm by a synchronised one (torch's on CUDA, ``GlooSyncBatchNorm`` on CPU)."""
+    if on_cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
+        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_bn(child, on_cuda))
+    return out
+
+
+def ddp(module, device):
+    """Wrap in DistributedDataParallel when more than one process runs (no-op otherwise)."""
+    if world_size() == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def unwrap(module):
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def sampler(dataset, shuffle, seed, drop_last=True):
+    """Sampler giving this rank its share of each (seeded, per-epoch) permutation.
+
+    With the same seed the global batch of step t is the same set of images for any
+    number of ranks (rank r takes positions r, r+W, ... of the permutation).
+    """
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(),
+                                               shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(train, cfg):
+    """Run ``train(cfg)`` in this process, turning a UserError into one line and exit status 2."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            backend = cfg.dist.backend
+            if backend == "auto":
+                backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        return train(cfg)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0" or not dist.is_initialized():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawned(local_rank, train, cfg, nproc, port):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _run(train, cfg)
+
+
+def launch(train, cfg):
+    """Start ``train(cfg)`` on one process, under torchrun/srun, or on ``cfg.dist.nproc`` local processes."""
+    env = os.environ
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in env:
+            print("error: under srun, export MASTER_ADDR (e.g. the first host of `scontrol show hostnames "
+                  "$SLURM_JOB_NODELIST`) before launching", file=sys.stderr)
+            sys.exit(2)
+    if "RANK" in env or cfg.dist.nproc <= 1:
+        return _run(train, cfg)
+    try:
+        torch.multiprocessing.spawn(_spawned, args=(train, cfg, cfg.dist.nproc, _free_port()),
+                                    nprocs=cfg.dist.nproc)
+    except torch.multiprocessing.ProcessExitedException as e:
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)

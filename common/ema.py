@@ -1,0 +1,40 @@
+"""Mean-teacher (target network) update, BYOL-MHE §3.5 / Grill et al.
+
+``xi <- tau*xi + (1-tau)*theta`` over all floating-point parameters, as one
+fused ``torch._foreach_lerp_`` call (no Python loop per tensor per step).
+Buffers (BatchNorm running statistics, ``num_batches_tracked``) are copied
+from the online network: the target runs BN in training mode, so its running
+statistics only matter for evaluating the target, and copying them keeps them
+consistent with the weights they are averaged from.
+
+``tau_at``: ``1 - (1 - tau_base) * (cos(pi*k/K) + 1) / 2`` (cosine, rises from
+tau_base to 1) or ``tau_base`` (constant, e.g. RAFT App. B).
+"""
+import math
+
+import torch
+
+
+def tau_at(step, total_steps, tau_base, schedule="cosine"):
+    if schedule == "constant":
+        return tau_base
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+class EMA:
+    """Keeps ``target`` an exponential moving average of ``online`` (same architecture)."""
+
+    def __init__(self, target, online):
+        self.t_params, self.o_params = list(target.parameters()), list(online.parameters())
+        self.t_bufs, self.o_bufs = list(target.buffers()), list(online.buffers())
+        shapes = lambda ts: [t.shape for t in ts]  # noqa: E731
+        if shapes(self.t_params) != shapes(self.o_params) or shapes(self.t_bufs) != shapes(self.o_bufs):
+            raise ValueError("EMA: target and online networks differ in structure")
+        for p in self.t_params:
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, tau):
+        torch._foreach_lerp_(self.t_params, self.o_params, 1.0 - tau)
+        if self.t_bufs:
+            torch._foreach_copy_(self.t_bufs, self.o_bufs)

@@ -1,0 +1,72 @@
+"""Run folder, metrics and progress (writes happen on rank 0 only).
+
+``runs/<method>/<name>/`` holds ``config.yaml`` (the resolved config),
+``metrics.jsonl`` (one JSON object per logging step and per evaluation),
+``checkpoints/`` and, at the end, ``summary.json``. On resume the metric lines
+past the checkpoint's step are dropped, so a resumed run's file reads like an
+uninterrupted one.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import config as config_lib
+from common.config import UserError
+
+
+def run_dir(cfg, method):
+    """Create (and check we can write) ``out_dir/method/name``."""
+    path = Path(cfg.out_dir) / method / cfg.name
+    try:
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {path.resolve()} ({e.strerror or e}): "
+                        "set out_dir=... to a writable folder") from None
+    return path
+
+
+class Logger:
+    def __init__(self, path, enabled=True, resume_step=None):
+        self.path, self.enabled = Path(path), enabled
+        self.metrics = self.path / "metrics.jsonl"
+        self.start = time.time()
+        if enabled and resume_step is not None and self.metrics.exists():
+            keep = [line for line in self.metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+
+    def print(self, *msg):
+        if self.enabled:
+            tqdm.write(" ".join(str(m) for m in msg), file=sys.stdout)
+
+    def config(self, cfg):
+        if self.enabled:
+            config_lib.save(cfg, self.path / "config.yaml")
+            self.print(config_lib.dump(cfg))
+
+    def log(self, record):
+        """Append one metrics line (numbers rounded for reading; step/epoch kept exact)."""
+        if self.enabled:
+            rec = {k: (round(float(v), 6) if hasattr(v, "__float__") and not isinstance(v, int) else v)
+                   for k, v in record.items()}
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def summary(self, record):
+        if self.enabled:
+            record = {"wall_time_s": round(time.time() - self.start, 2), **record}
+            tmp = self.path / ".summary.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, self.path / "summary.json")
+            self.print("summary:", json.dumps(record))
+
+    def progress(self, iterable, total, desc):
+        show = self.enabled and sys.stderr.isatty() or os.environ.get("ONEFILE_PROGRESS") == "1"
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
