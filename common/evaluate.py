@@ -169,7 +169,8 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batc
 
 def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_loader, augment, device, epochs,
                            lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False):
-    """Paper protocol: frozen encoder (eval, no grad), ``augment`` on every training batch (on ``device``),
+    """Paper protocol: frozen encoder (eval, no grad), ``augment(batch) -> float tensor on device`` on every
+    training batch (it moves the batch to the device itself),
     linear head with the given optimizer and cosine lr over ``epochs * len(train_loader)`` steps.
     Returns {"top1": %, "top5": %} on ``test_loader`` (no augmentation). Encoder mode is restored.
     """
@@ -182,7 +183,7 @@ def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_lo
         for _ in range(epochs):
             for x, y in train_loader:
                 with torch.no_grad():
-                    f = encoder(augment(x.to(device, non_blocking=True))).flatten(1).float()
+                    f = encoder(augment(x)).flatten(1).float()
                 with torch.enable_grad():
                     loss = F.cross_entropy(head(f), y.to(device))
                     opt.zero_grad(set_to_none=True)
@@ -236,3 +237,52 @@ def correlation_distance(f, eps=1e-8):
 def feature_std(z):
     """Mean over dims of the per-dim (unbiased) std of the l2-normalised rows of ``z``."""
     return F.normalize(z.float(), dim=1).std(0).mean().item()
+
+
+# ----------------------------------------------------------------------------- what the scripts call
+def monitor(encoder, loaders, device, eval_cfg, views=None):
+    """The per-eval metrics every script logs.
+
+    ``loaders``: ``{"train", "test", "num_classes"}`` from ``data.eval_loaders`` (un-augmented).
+    Weighted kNN at each ``eval_cfg.knn_k`` (T = ``eval_cfg.knn_t``, cosine, train set as memory bank)
+    on encoder features; uniformity (t=2, on up to 2048 test features), centre-vector norm and the
+    collapse indicator ``feature_std`` of the test features; and, given ``views=(x1, x2)`` (two augmented
+    views of a batch), the alignment (alpha=2) of the encoder features of the two views.
+    """
+    train_f, train_y = extract_features(encoder, loaders["train"], device)
+    test_f, test_y = extract_features(encoder, loaders["test"], device)
+    out = knn_accuracies(train_f, train_y, test_f, test_y, ks=tuple(eval_cfg.knn_k), t=eval_cfg.knn_t,
+                         num_classes=loaders["num_classes"])
+    out["uniformity"] = uniformity(test_f[:2048]).item()
+    out["center_norm"] = center_vector_norm(test_f).item()
+    out["feature_std"] = feature_std(test_f)
+    if views is not None:
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            out["alignment"] = alignment(encoder(views[0]).float(), encoder(views[1]).float()).item()
+        encoder.train(was_training)
+    return out
+
+
+def final_linear_eval(encoder, loaders, device, cfg):
+    """Linear accuracy of the frozen encoder (offline): ``cfg.eval.linear`` = fast | paper | none.
+
+    fast: ``linear_probe`` on cached un-augmented features. paper: ``linear_probe_augmented`` with the
+    random-crop + flip loader ``loaders["train_aug"]`` / ``loaders["augment"]`` (BYOL-MHE App. D: SGD).
+    """
+    e = cfg.eval
+    if e.linear == "none":
+        return {}
+    if e.linear == "fast":
+        train_f, train_y = extract_features(encoder, loaders["train"], device)
+        test_f, test_y = extract_features(encoder, loaders["test"], device)
+        res = linear_probe(train_f, train_y, test_f, test_y, loaders["num_classes"], epochs=e.linear_epochs,
+                           batch_size=e.linear_batch_size, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
+                           optimizer=e.linear_optimizer, seed=cfg.seed)
+    else:
+        feat_dim = extract_features(encoder, loaders["test"], device, max_batches=1)[0].shape[1]
+        res = linear_probe_augmented(encoder, feat_dim, loaders["num_classes"], loaders["train_aug"],
+                                     loaders["test"], loaders["augment"], device, e.linear_epochs, e.linear_lr,
+                                     e.linear_weight_decay, optimizer=e.linear_optimizer)
+    return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_protocol": f"{e.linear} (offline)"}
