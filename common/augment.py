@@ -30,7 +30,9 @@ torchvision clamps), tests/test_augment.py compares each op with torchvision on 
 parameters and compares output statistics of the two paths over thousands of views.
 Known small differences: the CPU path rounds to uint8 after the crop and antialiases
 when it shrinks (the batched path does not; for CIFAR-sized data the crop is only ever
-enlarged), and the two paths draw different random numbers.
+enlarged); at the crop box's edge bicubic taps read the true neighbouring pixels where
+torchvision (crop, then resize) repeats the box's edge pixels; the two paths draw
+different random numbers.
 """
 from collections.abc import Mapping
 import functools
@@ -110,12 +112,11 @@ def _hue(x, shift):
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)
-    v, argmax = x.max(1)
-    chroma = v - x.min(1).values  # = v * s
-    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    h6 = torch.where(argmax == 0, (g - b) / c,
-                     torch.where(argmax == 1, (b - r) / c + 2, (r - g) / c + 4))
-    h6 = torch.where(chroma > 0, h6, 0) + 6 * shift[:, 0]  # hue in sixths of a turn
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)  # = v * s
+    c = torch.where(chroma > 0, chroma, 1)  # chroma 0: r = g = b, so h = (g - b) / 1 = 0
+    h6 = torch.where(r == v, (g - b) / c, torch.where(g == v, (b - r) / c + 2, (r - g) / c + 4))
+    h6 = h6 + 6 * shift[:, 0]  # hue in sixths of a turn
     # hsv -> rgb: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 h) mod 6
     k = torch.stack([(h6 + n) % 6 for n in (5, 3, 1)], 1)
@@ -153,7 +154,7 @@ def _gaussian_blur(x, kernel_size, sigma):
     B, C, H, W = x.shape
     t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - kernel_size // 2
     g = torch.exp(-0.5 * (t / sigma.view(B, 1)) ** 2)
-    g = (g / g.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, k]
+    g = (g / g.sum(1, keepdim=True))[:, None].expand(B, C, kernel_size).reshape(B * C, kernel_size)
     y = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
     y = F.conv2d(y, g.view(B * C, 1, 1, kernel_size), groups=B * C)
     y = F.conv2d(y, g.view(B * C, 1, kernel_size, 1), groups=B * C)
