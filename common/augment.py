@@ -28,11 +28,12 @@ They are kept in agreement by construction and by test: every op below follows t
 torchvision kernel it replaces (same sampling rules, same formulas, clamping where
 torchvision clamps), tests/test_augment.py compares each op with torchvision on fixed
 parameters and compares output statistics of the two paths over thousands of views.
-Known small differences: the CPU path rounds to uint8 after the crop and antialiases
-when it shrinks (the batched path does not; for CIFAR-sized data the crop is only ever
-enlarged); at the crop box's edge bicubic taps read the true neighbouring pixels where
-torchvision (crop, then resize) repeats the box's edge pixels; the two paths draw
-different random numbers.
+Known small differences: the CPU path rounds to uint8 after the crop and resizes with
+PIL's cubic (a = -0.5) and antialiasing, the batched path with a = -0.75 and none
+(antialiasing matters only where a crop is shrunk: never when the output size equals
+the image size, as for CIFAR); at the edge of a crop box the batched path's bicubic taps read the true
+neighbouring pixels where torchvision (crop, then resize) repeats the box's edge; and
+the two paths draw different random numbers.
 """
 from collections.abc import Mapping
 import functools
@@ -186,8 +187,9 @@ def _sample_boxes(rand, batch, height, width, scale, ratio, trials=10):
 def _resized_crop(x, top, left, h, w, flip, size):
     """Crop box (per sample) + optional horizontal flip + bicubic resize to size x size in
     one grid_sample: boxes differ per sample, so no batched crop op exists; an affine
-    grid per sample does all three at once, bicubic (a = -0.75, half-pixel centres,
-    replicated border) like torch's resize that the CPU path's crop uses."""
+    grid per sample does all three at once. Bicubic to match the CPU path's crop: half-pixel
+    centres and a replicated image border as torch's resize (cubic a = -0.75, where the
+    CPU path's antialiased resize uses PIL's a = -0.5)."""
     B, C, H, W = x.shape
     sx = torch.where(flip, -w / W, w / W)  # flip = mirror the x axis of the output
     theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)

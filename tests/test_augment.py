@@ -1,6 +1,5 @@
 """Tests for common/augment.py: batched ops vs torchvision, CPU vs batched statistics,
 per-sample independence, determinism and resume, eval transforms."""
-import math
 import sys
 from pathlib import Path
 
@@ -126,9 +125,11 @@ def test_batched_crop_matches_torchvision_resized_crop():
 
 def test_batched_identity_and_flip_are_exact():
     x = _structured(8)
-    off = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
-    torch.testing.assert_close(_batched(x, _spec(**off, flip_p=0.0)), x.float() / 255, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_batched(x, _spec(**off, flip_p=1.0)), x.flip(-1).float() / 255, atol=1e-5, rtol=0)
+    off = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+               solarize_p=0.0)
+    for flip_p, want in ((0.0, x), (1.0, x.flip(-1))):
+        got = _batched(x, _spec(**off, flip_p=flip_p))
+        torch.testing.assert_close(got, want.float() / 255, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (8, 64), (64, 8)])
@@ -155,16 +156,17 @@ def test_box_sampler_matches_torchvision(hw):
 
 
 # -------------------------------------------------------- CPU path vs batched path
-@pytest.mark.parametrize("view", [0, 1])
-def test_paths_agree_mean_std(view):
-    x = _structured(N, seed=view)
+@pytest.mark.parametrize("view,in_size", [(0, 32), (1, 32), (1, 64)])
+def test_paths_agree_mean_std(view, in_size):
+    """Output statistics of the two paths on the same images; 64 -> 32 shrinks crops
+    (antialiased on the CPU path only). Standard error of a gap: ~0.005."""
+    x = _structured(N, size=in_size, seed=view + in_size)
     cpu, bat = _cpu(x, _spec(view)), _batched(x, _spec(view))
     assert cpu.shape == bat.shape == (N, 3, 32, 32) and bat.dtype == torch.float32
-    # per-channel mean / std over all pixels of all views (measured gaps <= 0.005)
-    for stat in (lambda v: v.mean((0, 2, 3)), lambda v: v.std((0, 2, 3))):
-        torch.testing.assert_close(stat(bat), stat(cpu), atol=0.015, rtol=0)
-    # and the spread of per-image means (sensitive to jitter/solarize strengths)
-    torch.testing.assert_close(bat.mean((2, 3)).std(0), cpu.mean((2, 3)).std(0), atol=0.015, rtol=0)
+    # per-channel mean / std over all pixels of all views, and the spread of per-image
+    # means (sensitive to the jitter / solarisation strengths)
+    for stat in (lambda v: v.mean((0, 2, 3)), lambda v: v.std((0, 2, 3)), lambda v: v.mean((2, 3)).std(0)):
+        torch.testing.assert_close(stat(bat), stat(cpu), atol=0.02, rtol=0)
 
 
 def test_paths_agree_normalisation():
@@ -172,7 +174,8 @@ def test_paths_agree_normalisation():
     spec = _spec(1, jitter_p=0.0)
     for run in (_cpu, _batched):
         unit, norm = run(x, spec), run(x, spec, mean=mean, std=std)
-        torch.testing.assert_close(norm, (unit - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+        m, s = (torch.tensor(v).view(3, 1, 1) for v in (mean, std))
+        torch.testing.assert_close(norm, (unit - m) / s)
 
 
 def test_paths_agree_grayscale_fraction():
