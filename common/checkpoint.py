@@ -33,11 +33,16 @@ def save(state, path):
 
 
 def load(path):
+    """Read a checkpoint written by ``save(snapshot(...))``; anything else is one clear ``UserError``."""
+    hint = "it was left untouched: move it away to start over, or set resume=path/to/another.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling/zip/IO problem
-        raise UserError(f"checkpoint {Path(path).resolve()} is corrupt or unreadable ({type(e).__name__}); it was "
-                        "left untouched: move it away to start over, or set resume=path/to/another.pt") from None
+        raise UserError(f"checkpoint {Path(path).resolve()} is corrupt or unreadable ({type(e).__name__}); "
+                        + hint) from None
+    if not (isinstance(state, dict) and {"counters", "rng", "config"} <= state.keys()):
+        raise UserError(f"{Path(path).resolve()} is not a checkpoint of this project; " + hint)
+    return state
 
 
 def resume_path(run_dir, resume):
@@ -53,6 +58,42 @@ def resume_path(run_dir, resume):
     if not Path(resume).is_file():
         raise UserError(f"resume={resume}: no such checkpoint file (use resume=auto or a path to a .pt file)")
     return Path(resume)
+
+
+MUST_MATCH = ("model", "optim.name", "optim.batch_size", "optim.accum_steps", "data.name", "data.image_size")
+
+
+def _get(cfg, dotted):
+    for k in dotted.split("."):
+        cfg = cfg.get(k) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def snapshot(cfg, counters, **objects):
+    """Everything a run needs to continue: each object's ``state_dict()``, the counters
+    (step, epoch, ...), the RNG states and the resolved config."""
+    return {**{k: o.state_dict() for k, o in objects.items()}, "counters": dict(counters),
+            "rng": rng_state(), "config": cfg.plain()}
+
+
+def restore(state, cfg, **objects):
+    """Load a ``snapshot`` into ``objects`` and the RNGs; returns the counters.
+
+    A checkpoint written with another model/optimizer/batch set-up is one clear ``UserError``.
+    """
+    for key in MUST_MATCH:
+        old, new = _get(state.get("config", {}), key), _get(cfg, key)
+        if old != new:
+            raise UserError(f"the checkpoint was written with {key}={old}, this run has {key}={new}: resume with "
+                            "the run's own config.yaml, or start a new run with name=...")
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"the checkpoint's {name!r} does not fit this run ({str(e).splitlines()[0][:200]}): "
+                            "resume with the run's own config.yaml") from None
+    set_rng_state(state["rng"])
+    return state["counters"]
 
 
 def rng_state():

@@ -18,6 +18,7 @@ Usage in a script::
 import argparse
 import copy
 import difflib
+import sys
 from pathlib import Path
 
 import yaml
@@ -235,6 +236,11 @@ def parse_overrides(items):
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -270,7 +276,18 @@ def resolve(defaults, user_layers, choices=CHOICES, presets=None):
 
 
 def parse(argv, method_defaults=None, method_choices=None, method="run"):
-    """Parse ``--config FILE --set k=v ...`` into a resolved, checked ``Cfg``."""
+    """Parse ``--config FILE --set k=v ...`` into a resolved, checked ``Cfg``.
+
+    Like argparse, a bad config prints one line (``error: ...``) and exits with status 2.
+    """
+    try:
+        return _parse(argv, method_defaults, method_choices, method)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse(argv, method_defaults=None, method_choices=None, method="run"):
     from common.data import PRESETS  # dataset presets (image size, CIFAR: no blur)
 
     ap = argparse.ArgumentParser(description=f"{method}: see the script's docstring and README.")

@@ -29,7 +29,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from common.config import UserError
@@ -68,11 +67,46 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def all_gather_grad(x):
-    """Concatenate ``x`` from all ranks along dim 0, differentiably (identity on one process)."""
-    if world_size() == 1:
+class _AllGather(torch.autograd.Function):
+    """Forward: concatenate every rank's ``x``. Backward: sum the gradients of all ranks, keep ours."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+class _AllReduce(torch.autograd.Function):
+    """Differentiable sum over ranks (the gradient of a sum is the sum of the ranks' gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_grad(x):
+    """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, keeping gradients."""
+    return x if world_size() == 1 else _AllGather.apply(x)
+
+
+def all_reduce_grad(x):
+    """Sum ``x`` over ranks, keeping gradients."""
+    return x if world_size() == 1 else _AllReduce.apply(x)
 
 
 def all_reduce_mean(x):
@@ -101,9 +135,9 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = torch.tensor(x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
-        n = dist_nn.all_reduce(n)
-        mean = dist_nn.all_reduce(x.sum(dims)) / n
-        var = dist_nn.all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        n = all_reduce_grad(n)
+        mean = all_reduce_grad(x.sum(dims)) / n
+        var = all_reduce_grad(((x - mean.view(shape)) ** 2).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

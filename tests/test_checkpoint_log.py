@@ -12,17 +12,35 @@ from common.config import BASE, Cfg, UserError
 
 def test_atomic_save_and_load_round_trip(tmp_path):
     path = tmp_path / "ck" / "last.pt"
-    checkpoint.save({"w": torch.arange(5), "step": 3}, path)
-    assert checkpoint.load(path)["step"] == 3
+    lin = torch.nn.Linear(2, 3)
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 3}, model=lin), path)
+    state = checkpoint.load(path)
+    other = torch.nn.Linear(2, 3)
+    assert checkpoint.restore(state, Cfg.wrap(BASE), model=other) == {"step": 3}
+    assert torch.equal(other.weight, lin.weight)
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save({"step": 1}, path)
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 1}), path)
     with pytest.raises(Exception):
         checkpoint.save({"step": 2, "bad": lambda: 0}, path)  # unpicklable: torch.save fails midway
-    assert checkpoint.load(path)["step"] == 1
+    assert checkpoint.load(path)["counters"]["step"] == 1
+    checkpoint.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        checkpoint.load(tmp_path / "foreign.pt")
+
+
+def test_restore_refuses_a_checkpoint_of_another_setup(tmp_path):
+    cfg = Cfg.wrap(BASE)
+    state = checkpoint.snapshot(cfg, {"step": 1}, model=torch.nn.Linear(2, 3))
+    other = Cfg.wrap(BASE)
+    other.model.width = 16
+    with pytest.raises(UserError, match="model="):
+        checkpoint.restore(state, other, model=torch.nn.Linear(2, 3))
+    with pytest.raises(UserError, match="'model' does not fit"):
+        checkpoint.restore(state, cfg, model=torch.nn.Linear(2, 4))
 
 
 def test_corrupt_checkpoint_is_one_clear_error_and_untouched(tmp_path):
