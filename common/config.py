@@ -1,5 +1,8 @@
 """Config: defaults, YAML file, dotted command-line overrides, strict checking.
 
+A config file may start with ``base: other.yaml`` (path relative to the file) to
+inherit that file's values and override some of them.
+
 Resolution order (later wins)::
 
     BASE defaults  <-  the script's METHOD defaults  <-  data.PRESETS[data.name]
@@ -249,7 +252,9 @@ def parse_overrides(items):
     return out
 
 
-def load_yaml(path):
+def load_yaml(path, _seen=()):
+    """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is read first
+    and this file's keys are merged over it (chains allowed)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path.resolve()} (pass --config path/to/file.yaml)")
@@ -257,6 +262,11 @@ def load_yaml(path):
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and "base" in data:
+        base = path.parent / str(data.pop("base"))
+        if base.resolve() in _seen:
+            raise UserError(f"config file {path}: 'base' chain loops back to {base}")
+        data = merge(load_yaml(base, (*_seen, path.resolve())), data)
     return data
 
 

@@ -69,3 +69,13 @@ def test_saved_config_round_trips(tmp_path):
     config.save(cfg, tmp_path / "config.yaml")
     again = config._parse(["--config", str(tmp_path / "config.yaml")])
     assert again == cfg
+
+
+def test_base_file_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 1.5, epochs: 300}\nmodel: {arch: resnet18}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {epochs: 10}\n")
+    cfg = config._parse(["--config", str(tmp_path / "child.yaml")])
+    assert cfg.optim.lr == 1.5 and cfg.optim.epochs == 10 and cfg.name == "child"
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="loops back"):
+        config._parse(["--config", str(tmp_path / "loop.yaml")])
