@@ -1,0 +1,340 @@
+"""RAFT, BYOL′ and BYOL with every predictor variant of the paper, one file.
+
+Paper: Shi, Luo, Tang, Wang, Zhuang, "Run Away From your Teacher: Understanding BYOL by a Novel
+Self-Supervised Approach" (RAFT): Eq. 2–11, §5 Remark, Alg. 1, App. B, Tab. 1–3.
+
+    online:  x -> f_θ (encoder) -> g_θ (projector) = z -> q_w (predictor) = p       "q_w ∘ f_θ" in the paper
+    MT:      x -> f_ξ -> g_ξ = z'            ξ <- τξ + (1-τ)θ, τ constant 0.996 (App. B: EMA rate 4e-3)
+
+    L_align(q∘f)       = E ||p̂(t1 x) - p̂(t2 x)||²       (Eq. 2; Alg. 1 line 7): both views get gradient
+    L_cross-model(q∘f) = ½ E [||p̂(t1 x) - ẑ'(t1 x)||² + ||p̂(t2 x) - ẑ'(t2 x)||²]
+                         (Eq. 6 symmetrised, §4.1; Alg. 1 line 8): the MT on the same view, sg(ẑ')
+    L_BYOL′ = α L_align + β L_cross-model                 (Eq. 7, 10)
+    L_RAFT  = α L_align − β L_cross-model                 (Eq. 9, 11; Alg. 1 line 8 carries the minus)
+    L_BYOL  = ½ E [||p̂(t1 x) - ẑ'(t2 x)||² + ||p̂(t2 x) - ẑ'(t1 x)||²]   (Eq. 4 symmetrised; α, β unused)
+
+    x̂ = x/||x|| (the hypersphere of §2.1).  Tangential (§5 Remark): a squared distance to the teacher
+    ||ẑ' - p̂||² becomes ||ẑ' - λp̂||²/λ, λ = sg(<p̂, ẑ'>): its gradient w.r.t. p̂ is the tangential part
+    -2(ẑ' - <p̂, ẑ'> p̂) of the plain one. Applied to the cross-model term (and to BYOL's only term).
+
+Sign convention (explicit, because the paper uses two): ``loss.beta`` is the β > 0 of Eq. 9–11 and
+``loss.objective`` chooses the sign (byol_prime: +β, raft: −β). Tab. 3 folds the sign into β
+(L = αL_align + βL_cross with β = −1 for RAFT): Tab. 3's β is ``SIGN[objective] * loss.beta``, logged
+as ``beta_tab3``. A negative ``loss.beta`` is refused so that Tab. 3's "−1" is never applied twice.
+
+Variants (names as Tab. 2; configs/raft/*.yaml has one file per row of Tab. 1 and Tab. 3):
+``model.predictor``: mlp (Linear 512–ReLU–Linear, no BN, App. B; ``model.pred_norm: bn`` for §3's
+"MLP with batch normalization"), linear (q_w(·) = W(·), no bias, -LP), linear_identity_init (W = I at
+start, -LPI), none (q_w = I, -NP). ``model.same_init``: true = the MT starts as a copy of the online
+network (BYOL); false = independent initialisation (the authors' code, WOWNICE/RAFT, same_init=False).
+
+Logged every epoch (Tab. 1 reports the mean of the last 10 epochs; summary.json holds that mean):
+``align_qf`` = L_align(q∘f) (Eq. 2) and ``uniform_f`` = L_uniform(f_θ) (Eq. 3, t = 2) of the online
+projection z (the space of the MT f_ξ), both averaged over the epoch's training batches (global batch).
+
+Note (derived, and tested): because p̂ = p/||p|| is inside the graph, the normalisation's Jacobian
+(I - p̂p̂ᵀ)/||p|| already drops the normal component, so ``tangential`` changes the loss value but not the
+parameter gradients (up to round-off); BYOL′ from (θ, W) and RAFT from (θ, −W) take the same encoder
+step with or without it (Theorem 5.1; tests/test_raft_losses.py).
+
+Run:
+    python raft.py --config configs/quickstart/raft.yaml                       # CPU, minutes, synthetic data
+    python raft.py --config configs/raft/raft-mlpp.yaml                        # App. B, CIFAR-10 96x96, 3 seeds
+    python raft.py --config configs/raft/tanraft-lp.yaml --set seeds=[0] dist.nproc=2 resume=auto
+
+Deviations: L_BYOL is the mean of the two directions of Eq. 4 (the authors' code also divides by the
+dimension; Adam is nearly invariant to that scale). The linear predictor has no bias (Eq. q_w = W; the
+authors' code uses one). See README for the evaluation protocol.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, data, dist, log
+from common.augment import ViewMaker
+from common.config import UserError, parse
+from common.ema import EMA, tau_at
+from common.evaluate import final_linear_eval, monitor, uniformity
+from common.models import mlp, resnet
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+
+METHOD = "raft"
+DEFAULTS = {  # App. B: ResNet-18, projector 512-BN-ReLU-128, predictor without BN, Adam 3e-4, batch 128, τ 0.996
+    "seeds": [],  # run each seed in turn into <name>/seed<s> and write <name>/summary.json (mean ± std); []: `seed`
+    "model": {"proj_hidden": 512, "proj_dim": 128, "pred_hidden": 512,
+              "predictor": "mlp",     # mlp | linear | linear_identity_init | none  (Tab. 2: -MLPP, -LP, -LPI, -NP)
+              "pred_norm": "none",    # App. B: "without the batch normalization"; bn: §3's BYOL predictor
+              "same_init": True},     # MT = copy of the online network (BYOL); false: independent (authors' code)
+    "loss": {"objective": "raft",     # byol (Eq. 4) | byol_prime (Eq. 10) | raft (Eq. 11)
+             "alpha": 1.0,            # α of Eq. 9-11 (Tab. 1: (α, β) = (1, 1))
+             "beta": 1.0,             # β > 0 of Eq. 9-11; RAFT subtracts it (Tab. 3 writes RAFT's β as -β)
+             "tangential": False},    # §5 Remark: keep only the tangential gradient of the teacher term
+    "optim": {"name": "adam", "lr": 3.0e-4, "lr_scaling": "none", "weight_decay": 0.0, "batch_size": 128,
+              "epochs": 300, "warmup_epochs": 0,
+              "schedule": "constant"},  # App. B names no lr schedule: constant | cosine (warm-up + cosine)
+    "ema": {"tau": 0.996, "schedule": "constant"},  # App. B: EMA rate 4e-3 "without the cosine smoothing trick"
+    "eval": {"linear_epochs": 100, "linear_lr": 5.0e-4, "linear_optimizer": "adam"},  # App. B
+}
+CHOICES = {"model.predictor": ("mlp", "linear", "linear_identity_init", "none"), "model.pred_norm": ("none", "bn"),
+           "loss.objective": ("byol", "byol_prime", "raft"), "optim.schedule": ("constant", "cosine")}
+SIGN = {"byol_prime": +1.0, "raft": -1.0}  # Eq. 10: +β L_cross;  Eq. 11: −β L_cross  (Tab. 3's β = SIGN · β)
+LAMBDA_MIN = 1e-6  # |λ| floor of the tangential surrogate (λ = <p̂, ẑ'> = 0 only for orthogonal unit vectors)
+
+
+# --------------------------------------------------------------------------- the paper's pieces
+def unit(v):
+    """x̂ = x / ||x||: the hypersphere representation space (RAFT §2.1, Theorem 5.1 condition i)."""
+    return F.normalize(v, dim=-1)
+
+
+def alignment_loss(p1, p2):
+    """(RAFT, Eq. 2; Alg. 1 line 7) ||p̂1 - p̂2||² per sample, both online outputs keep their gradient."""
+    return (unit(p1) - unit(p2)).pow(2).sum(-1)
+
+
+def teacher_distance(p, z_mt, tangential=False):
+    """||p̂ - ẑ'||² per sample, the MT output detached (Eq. 6). Tangential (§5 Remark): ||ẑ' - λp̂||²/λ with
+    λ = sg(<p̂, ẑ'>); its gradient w.r.t. p̂ is -2(ẑ' - λp̂), the tangential part of the plain -2(ẑ' - p̂)."""
+    p, z = unit(p), unit(z_mt.detach())
+    if not tangential:
+        return (p - z).pow(2).sum(-1)
+    lam = (p * z).sum(-1, keepdim=True).detach()
+    lam = torch.where(lam.abs() < LAMBDA_MIN, torch.where(lam < 0, -LAMBDA_MIN, LAMBDA_MIN), lam)
+    return (z - lam * p).pow(2).sum(-1) / lam.squeeze(-1)
+
+
+def cross_model_loss(p1, p2, z1_mt, z2_mt, tangential=False):
+    """(RAFT, Eq. 6 symmetrised as in §4.1; Alg. 1 line 8 without its sign)
+    ½(||p̂1 - ẑ'1||² + ||p̂2 - ẑ'2||²): each online output against the mean teacher on the *same* view."""
+    return 0.5 * (teacher_distance(p1, z1_mt, tangential) + teacher_distance(p2, z2_mt, tangential))
+
+
+def byol_loss(p1, p2, z1_mt, z2_mt, tangential=False):
+    """(RAFT, Eq. 4) ||p̂(t1 x) - ẑ'(t2 x)||², symmetrised as the mean of both directions (cross views)."""
+    return 0.5 * (teacher_distance(p1, z2_mt, tangential) + teacher_distance(p2, z1_mt, tangential))
+
+
+def objective(lc, p1, p2, z1_mt, z2_mt):
+    """The loss to minimise (mean over the batch) for ``lc.objective``; Eq. 4, Eq. 10 (BYOL′) or Eq. 11 (RAFT)."""
+    if lc.objective == "byol":
+        return byol_loss(p1, p2, z1_mt, z2_mt, lc.tangential).mean()
+    cross = cross_model_loss(p1, p2, z1_mt, z2_mt, lc.tangential).mean()
+    return lc.alpha * alignment_loss(p1, p2).mean() + SIGN[lc.objective] * lc.beta * cross
+
+
+def predictor(m):
+    """q_w (RAFT §3, Tab. 2): 2-layer MLP (App. B: no BN), linear W, linear W initialised to I, or none (q_w = I)."""
+    if m.predictor == "mlp":
+        return mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=m.pred_norm)
+    if m.predictor == "none":
+        return nn.Identity()
+    w = nn.Linear(m.proj_dim, m.proj_dim, bias=False)  # q_w(·) = W(·)
+    if m.predictor == "linear_identity_init":
+        nn.init.eye_(w.weight)  # BYOL-LPI: starts at the collapse solution W = I (§3)
+    return w
+
+
+class Online(nn.Module):
+    """f_θ (ResNet without fc), g_θ (projector 512-BN-ReLU-128), q_w; one call for both views."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
+        self.q = predictor(m)
+
+    def forward(self, views):
+        zs = [self.g(self.f(x)) for x in views]
+        return zs, [self.q(z) for z in zs]
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg):
+    lc = cfg.loss
+    if lc.alpha < 0 or lc.beta < 0:
+        raise UserError(f"loss.alpha={lc.alpha}, loss.beta={lc.beta} must be >= 0: they are the α, β > 0 of Eq. 9-11 "
+                        "and loss.objective sets the sign (Tab. 3's β = -1 for RAFT is objective=raft beta=1)")
+    dev = dist.device(cfg)
+    run = log.run_dir(cfg, METHOD)
+    ckpt_file = checkpoint.resume_path(run, cfg.resume)
+    state = checkpoint.load(ckpt_file) if ckpt_file else None
+    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
+    logger.config(cfg)
+    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
+    ssl_set = data.load(cfg.data, "ssl")
+    mean, std = data.stats(cfg.data.name)
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
+    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = data.eval_loaders(cfg)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
+                        f"{len(ssl_set)} training images: lower optim.batch_size")
+
+    # model: online f, g, q and the mean teacher (f, g); SyncBN across processes
+    def build_online():
+        net = Online(cfg.model)
+        if dist.world_size() > 1 and cfg.model.sync_bn:
+            net = dist.convert_sync_bn(net, dev.type == "cuda")
+        return net.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    online = build_online()
+    mt = deepcopy(online) if cfg.model.same_init else build_online()  # false: a second, independent draw
+    target = nn.Sequential(mt.f, mt.g)
+    ema = EMA(target, nn.Sequential(online.f, online.g))
+    peak_lr = scaled_lr(cfg.optim)
+    opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    model = dist.ddp(online, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    # counters saved with each checkpoint; acc = this epoch's sums of L_align(q∘f), L_uniform(f), batches
+    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, acc=[0.0, 0.0, 0.0], history=[])
+    if state:  # exact resume: weights, optimizer, counters, RNG streams
+        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
+        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
+    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
+        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
+    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
+    acc = torch.tensor(c["acc"], dtype=torch.float64, device=dev)
+
+    def save(path):
+        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, acc=acc.tolist())
+        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views), path)
+
+    images_seen, t_train, metrics = 0, 0.0, {}
+    while epoch < cfg.optim.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
+        t0 = time.time()
+        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
+            if batch_in_epoch == steps_per_epoch * accum:
+                break  # drop a last incomplete accumulation group
+            # ---- one forward (Alg. 1 lines 4-6): two views, online p = q(g(f(x))) and the MT z' = g_ξ(f_ξ(x))
+            x1, x2 = views(batch)
+            last_micro = (batch_in_epoch + 1) % accum == 0
+            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
+                (z1, z2), (p1, p2) = model([x1, x2])
+                with torch.no_grad():
+                    t1, t2 = target(x1), target(x2)
+                p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()
+                loss = objective(lc, p1, p2, t1, t2)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
+                (loss / accum).backward()  # Alg. 1 line 10
+            with torch.no_grad():  # the plain Eq. 2 / Eq. 6 values (the tangential surrogate has another value)
+                l_align = alignment_loss(p1, p2).mean()
+                l_cross = cross_model_loss(p1, p2, t1, t2).mean()
+                l_unif = (uniformity(dist.all_gather_grad(z1.float()))
+                          + uniformity(dist.all_gather_grad(z2.float()))) / 2
+                acc += torch.stack([dist.all_reduce_mean(l_align.double()), l_unif.double(), torch.ones_like(acc[0])])
+            batch_in_epoch += 1
+            images_seen += x1.shape[0] * dist.world_size()
+            if not last_micro:
+                continue
+            # ---- optimizer step (every accum forwards; Alg. 1 line 11), then the MT update (line 12)
+            lr = peak_lr if cfg.optim.schedule == "constant" else \
+                lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lr(opt, lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
+            ema.update(tau)
+            step += 1
+            # ---- logging, NaN guard, step checkpoints
+            if step % cfg.log.every == 0 or step == total_steps:
+                losses = dist.all_reduce_mean(torch.stack([loss, l_align, l_cross]).float()).tolist()
+                if any(v != v or abs(v) == float("inf") for v in losses):
+                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
+                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_align": losses[1],
+                            "loss_cross": losses[2], "lr": lr, "tau": tau})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
+                save(run / "checkpoints" / "last.pt")
+            if step == cfg.checkpoint.stop_after_step:
+                if dist.is_main():
+                    save(run / "checkpoints" / "last.pt")
+                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
+                return None
+        t_train += time.time() - t0
+        epoch, batch_in_epoch = epoch + 1, 0
+
+        # ---- end of epoch: L_align(q∘f), L_uniform(f) of the epoch (Tab. 1), kNN monitor, checkpoint
+        align_qf, uniform_f = (acc[:2] / acc[2].clamp_min(1)).tolist()
+        c["history"] = (c["history"] + [[epoch, align_qf, uniform_f]])[-10:]
+        acc.zero_()
+        logger.log({"step": step, "epoch": epoch, "align_qf": align_qf, "uniform_f": uniform_f})
+        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
+            logger.log({"step": step, "epoch": epoch, **metrics})
+            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} align_qf {align_qf:.3e} "
+                         f"uniform_f {uniform_f:.3f} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
+                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+            save(run / "checkpoints" / "last.pt")
+            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
+                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        dist.barrier()
+
+    # ---- final evaluation: kNN, linear probe (offline, frozen encoder), Tab. 1 metrics, summary.json
+    if dist.is_main():
+        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+        last = c["history"]
+        tab1 = {"align_qf_last10": sum(h[1] for h in last) / len(last) if last else None,
+                "uniform_f_last10": sum(h[2] for h in last) / len(last) if last else None,
+                "last10_epochs": [h[0] for h in last]}
+        logger.summary({"method": METHOD, "objective": lc.objective, "predictor": cfg.model.predictor,
+                        "tangential": lc.tangential, "alpha": lc.alpha, "beta": lc.beta,
+                        "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta, "seed": cfg.seed,
+                        "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "knn_init": c["knn_init"],
+                        **final, **linear, **tab1,
+                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    dist.barrier()
+    return None
+
+
+# --------------------------------------------------------------------------- several seeds (App. B: 3 seeds)
+def seed_runs(cfg):
+    """One config per seed of ``cfg.seeds`` (run folder <name>/seed<s>), or ``[cfg]`` when the list is empty."""
+    out = []
+    for s in cfg.seeds:
+        c = deepcopy(cfg)
+        c.seed, c.name, c.seeds = s, f"{cfg.name}/seed{s}", []
+        out.append(c)
+    return out or [cfg]
+
+
+def summarize_seeds(cfg):
+    """<out_dir>/raft/<name>/summary.json: mean and (sample) std over the seeds, as Tab. 1 and Tab. 3 report."""
+    runs = [json.loads((Path(cfg.out_dir) / METHOD / cfg.name / f"seed{s}" / "summary.json").read_text())
+            for s in cfg.seeds]
+    agg = {"seeds": list(cfg.seeds)}
+    for k, v in runs[0].items():
+        vals = [r.get(k) for r in runs]
+        if isinstance(v, float) and all(isinstance(x, (int, float)) for x in vals):
+            agg[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    (Path(cfg.out_dir) / METHOD / cfg.name / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+    print("summary over seeds:", json.dumps(agg))
+
+
+if __name__ == "__main__":
+    config = parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD)
+    for one in seed_runs(config):
+        dist.launch(train, one)
+    if config.seeds and os.environ.get("RANK", "0") == "0":
+        summarize_seeds(config)
