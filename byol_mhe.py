@@ -1,0 +1,284 @@
+"""BYOL with minimum-hyperspherical-energy (MHE) regularisation of the network's neurons, one file.
+
+Paper: Durrant & Leontidis, "Hyperspherically Regularized Networks for BYOL Improves Feature
+Uniformity and Separability" (BYOL-MHE), §3.4, Eq. 5, 8, 10, App. A Eq. 11; training §3.5, App. D.
+MHE: Liu et al., "Learning towards Minimum Hyperspherical Energy", NeurIPS 2018.
+
+    online:  x -> f_θ (encoder) -> g_θ (projector) = z -> q_θ (predictor) = p
+    target:  x -> f_ξ -> g_ξ = z'            ξ <- τξ + (1-τ)θ  (EMA, cosine τ schedule)
+
+    L_BYOL = ||p̄(v1) - sg(z̄'(v2))||² = 2 - 2 cos(p(v1), z'(v2))                    (Eq. 5), symmetrised
+    neurons of a layer: ŵ_i = w_i / ||w_i||, i = 1..N   (rows of a Linear weight; Conv2d output
+                        filters flattened to vectors; biases and norm parameters are never neurons)
+    E_s = Σ_{i≠j} ||ŵ_i - ŵ_j||^(-s)   (s = 1, 2),   Σ_{i≠j} log(1/||ŵ_i - ŵ_j||)   (s = 0)     (Eq. 8)
+    E_s^a = Σ_{i≠j} θ_ij^(-s)  (s = 1, 2),   Σ_{i≠j} log(1/θ_ij)  (s = 0),  θ_ij = arccos(ŵ_iᵀŵ_j)  (Eq. 11)
+    L = L_BYOL + λ_mhe Σ_{layers j} E_s,j / (N_j (N_j - 1))                                       (Eq. 10)
+
+``mhe.power`` picks s: 0, 1, 2 (Euclidean, Eq. 8) or a0, a1, a2 (angular, Eq. 11). ``mhe.layers`` is
+any subset of {encoder, projector, predictor} (Tab. 4): every Conv2d/Linear weight of those online
+sub-networks is a layer of Eq. 10 (the target follows by EMA). Defaults per App. D: a2 on the
+projector and the predictor, λ_mhe = 10 (``reg_weight=10``; §4 says 0.1 — see
+configs/byol_mhe/imagenet_resnet50_300ep_sec4.yaml). ``mhe.layers: []`` or ``mhe.weight: 0`` is plain
+BYOL, the "BYOL (repro)" rows. Each layer's energy E_s/(N(N-1)) is logged at every evaluation.
+
+Numerics (Liu et al.'s MHE code, as SPEC §4.2 reads it): ||w|| = sqrt(Σw² + 1e-4); all pairs come from
+one Gram matrix ŴŴᵀ (no loops over neurons); ||ŵ_i - ŵ_j||² = 2 - 2cos; cos is clamped into
+[-1+1e-6, 1-1e-6] before arccos and θ gets + 1e-4. The energy is computed in float32 outside autocast.
+Deviations from Liu et al.'s code, where we follow the paper's equations instead: their angular
+energies use θ/π (not θ) and scale a1/a2 by 0.1; their s=0 is -log(||ŵ_i-ŵ_j||²) = 2x Eq. 8; they
+apply no clamp to the Euclidean distance (we use the same cos clamp there, so that two coinciding
+neurons give a finite energy and gradient).
+
+Batch-size study (Tab. 7): ``optim.accum_steps: N`` averages gradients over N forwards of
+``optim.batch_size`` before one optimizer step (the EMA steps only with the optimizer; the lr scales
+with batch_size x N). The MHE term depends on the weights only, so it is added once per optimizer step
+(on the last forward of the group), with full weight.
+
+Run:
+    python byol_mhe.py --config configs/quickstart/byol_mhe.yaml                 # CPU, minutes
+    python byol_mhe.py --config configs/byol_mhe/cifar10_resnet18_300ep.yaml --set mhe.power=a1
+    torchrun --nproc_per_node=8 byol_mhe.py --config configs/byol_mhe/imagenet_resnet50_300ep.yaml
+"""
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, data, dist, log
+from common.augment import ViewMaker
+from common.config import UserError, parse
+from common.ema import EMA, tau_at
+from common.evaluate import final_linear_eval, monitor
+from common.models import mlp, resnet
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+
+METHOD = "byol_mhe"
+POWERS = ("0", "1", "2", "a0", "a1", "a2")
+PARTS = ("encoder", "projector", "predictor")
+DEFAULTS = {"mhe": {"weight": 10.0,  # λ_mhe of Eq. 10 (App. D reg_weight=10; §4: 0.1)
+                    "power": None,   # s: 0 | 1 | 2 (Eq. 8) | a0 | a1 | a2 (Eq. 11); null = a2 (App. D)
+                    "layers": ["projector", "predictor"]}}  # any of encoder, projector, predictor (Tab. 4)
+# (a null default accepts both `power: 2` and `power: a2`; check_mhe resolves it to one of POWERS)
+
+COS_EPS, THETA_EPS, NORM_EPS = 1e-6, 1e-4, 1e-4  # Liu et al.'s MHE code (SPEC §4.2)
+
+
+# --------------------------------------------------------------------------- the paper's pieces
+def byol_loss(p, z_target):
+    """(BYOL-MHE, Eq. 5) ||p̄ - z̄'||² = 2 - 2 cos(p, z') per sample; the target is detached."""
+    return 2 - 2 * F.cosine_similarity(p, z_target.detach(), dim=-1)
+
+
+def neurons(weight):
+    """The N neurons of a layer as rows [N, d]: a Linear weight's rows, a Conv2d's flattened output filters."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def hyperspherical_energy(weight, power="a2"):
+    """(BYOL-MHE, Eq. 8 / App. A Eq. 11) E_s / (N(N-1)) of one layer's neurons, all pairs i≠j from one Gram matrix."""
+    with torch.autocast(weight.device.type, enabled=False):
+        w = neurons(weight).float()
+        n = w.shape[0]
+        w_hat = w / torch.sqrt((w * w).sum(1, keepdim=True) + NORM_EPS)  # ŵ = w/||w||, ||w|| = sqrt(Σw² + 1e-4)
+        cos = (w_hat @ w_hat.T).clamp(-1 + COS_EPS, 1 - COS_EPS)  # ŵ_iᵀŵ_j, N x N
+        s = int(power[-1])
+        if power.startswith("a"):  # (Eq. 11) geodesic distance θ_ij
+            theta = torch.arccos(cos) + THETA_EPS
+            r = -torch.log(theta) if s == 0 else theta.pow(-s)
+        else:  # (Eq. 8) Euclidean distance via ||ŵ_i - ŵ_j||² = 2 - 2cos
+            dist2 = 2 - 2 * cos
+            r = -0.5 * torch.log(dist2) if s == 0 else dist2.pow(-s / 2)
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=w.device)
+        return torch.where(off_diagonal, r, 0.0).sum() / (n * (n - 1))  # Σ_{i≠j} / (N(N-1))  (Eq. 10)
+
+
+def mhe_layers(online, parts):
+    """The layers j of Eq. 10: every Conv2d / Linear of the chosen online sub-networks, by name."""
+    nets = {"encoder": online.f, "projector": online.g, "predictor": online.q}
+    return {f"{part}.{name}": m for part in parts for name, m in nets[part].named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1}
+
+
+def mhe_loss(layers, power):
+    """(BYOL-MHE, Eq. 10) Σ_layers E_s / (N(N-1)); 0 when no layer is regularised."""
+    return sum((hyperspherical_energy(m.weight, power) for m in layers.values()), torch.zeros(()))
+
+
+@torch.no_grad()
+def energies(online, parts, power):
+    """Each regularised layer's E_s/(N(N-1)), plus the mean over the layers of each sub-network (all three)."""
+    out = {f"energy/{k}": hyperspherical_energy(m.weight, power).item() for k, m in mhe_layers(online, parts).items()}
+    for part in PARTS:
+        e = [hyperspherical_energy(m.weight, power).item() for m in mhe_layers(online, [part]).values()]
+        out[f"energy_mean/{part}"] = sum(e) / len(e)
+    return out
+
+
+class Online(nn.Module):
+    """f_θ (ResNet without fc), g_θ (projector MLP), q_θ (predictor MLP); one call for all views."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
+        self.q = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
+
+    def forward(self, views):
+        zs = [self.g(self.f(x)) for x in views]
+        return zs, [self.q(z) for z in zs]
+
+
+def check_mhe(cfg):
+    """Resolve ``mhe.power`` (null = a2) to one of POWERS and check ``mhe.layers``."""
+    power = cfg.mhe.power
+    cfg.mhe.power = "a2" if power is None else str(power)
+    if cfg.mhe.power not in POWERS or isinstance(power, bool):
+        raise UserError(f"config key 'mhe.power' = {power!r} is not one of: {', '.join(POWERS)} "
+                        "(0, 1, 2: Euclidean, Eq. 8; a0, a1, a2: angular, Eq. 11)")
+    bad = [p for p in cfg.mhe.layers if p not in PARTS]
+    if bad or len(set(cfg.mhe.layers)) != len(cfg.mhe.layers):
+        raise UserError(f"mhe.layers = {cfg.mhe.layers}: give distinct names among {', '.join(PARTS)} "
+                        "(e.g. --set mhe.layers=[projector,predictor]; [] = plain BYOL)")
+    return cfg
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg):
+    cfg = check_mhe(cfg)
+    dev = dist.device(cfg)
+    run = log.run_dir(cfg, METHOD)
+    ckpt_file = checkpoint.resume_path(run, cfg.resume)
+    state = checkpoint.load(ckpt_file) if ckpt_file else None
+    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
+    logger.config(cfg)
+    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
+    ssl_set = data.load(cfg.data, "ssl")
+    mean, std = data.stats(cfg.data.name)
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
+    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = data.eval_loaders(cfg)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
+                        f"{len(ssl_set)} training images: lower optim.batch_size")
+
+    # model: online f, g, q and the EMA target (f, g); SyncBN across processes; the MHE layers (Eq. 10)
+    online = Online(cfg.model)
+    if dist.world_size() > 1 and cfg.model.sync_bn:
+        online = dist.convert_sync_bn(online, dev.type == "cuda")
+    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    target = deepcopy(nn.Sequential(online.f, online.g))
+    ema = EMA(target, nn.Sequential(online.f, online.g))
+    layers = mhe_layers(online, cfg.mhe.layers)
+    peak_lr = scaled_lr(cfg.optim)
+    opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    model = dist.ddp(online, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
+    if state:  # exact resume: weights, optimizer, counters, RNG streams
+        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
+        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
+    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
+        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"],
+                    **energies(online, cfg.mhe.layers, cfg.mhe.power)})
+    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
+
+    def save(path):
+        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views), path)
+
+    lam, images_seen, t_train, metrics = cfg.mhe.weight, 0, 0.0, {}
+    while epoch < cfg.optim.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
+        t0 = time.time()
+        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
+            if batch_in_epoch == steps_per_epoch * accum:
+                break  # drop a last incomplete accumulation group
+            # ---- one forward: two views, online and target; MHE on the weights once per optimizer step
+            x1, x2 = views(batch)
+            last_micro = (batch_in_epoch + 1) % accum == 0
+            with model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext():
+                with amp:
+                    (z1, z2), (p1, p2) = model([x1, x2])
+                    with torch.no_grad():
+                        t1, t2 = target(x1), target(x2)
+                    l_byol = (byol_loss(p1, t2) + byol_loss(p2, t1)).mean()  # (BYOL-MHE, Eq. 5), symmetrised
+                l_mhe = torch.zeros((), device=dev)
+                if lam != 0 and last_micro:  # (BYOL-MHE, Eq. 8/11 summed as in Eq. 10), float32
+                    l_mhe = mhe_loss(layers, cfg.mhe.power).to(dev)
+                loss = l_byol + lam * l_mhe  # (BYOL-MHE, Eq. 10)
+                (l_byol / accum + lam * l_mhe).backward()
+            batch_in_epoch += 1
+            images_seen += x1.shape[0] * dist.world_size()
+            if not last_micro:
+                continue
+            # ---- optimizer step (every accum forwards), then the EMA target update
+            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lr(opt, lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
+            ema.update(tau)
+            step += 1
+            # ---- logging, NaN guard, step checkpoints
+            if step % cfg.log.every == 0 or step == total_steps:
+                losses = dist.all_reduce_mean(torch.stack([loss, l_byol, l_mhe]).float()).tolist()
+                if any(v != v or abs(v) == float("inf") for v in losses):
+                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
+                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_byol": losses[1],
+                            "loss_mhe": losses[2], "lr": lr, "tau": tau})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
+                save(run / "checkpoints" / "last.pt")
+            if step == cfg.checkpoint.stop_after_step:
+                if dist.is_main():
+                    save(run / "checkpoints" / "last.pt")
+                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
+                return None
+        t_train += time.time() - t0
+        epoch, batch_in_epoch = epoch + 1, 0
+
+        # ---- end of epoch: kNN monitor, alignment/uniformity, each layer's energy, checkpoint
+        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+            metrics = {**monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2)),
+                       **energies(online, cfg.mhe.layers, cfg.mhe.power)}
+            logger.log({"step": step, "epoch": epoch, **metrics})
+            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " + " ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("energy/")))
+        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
+                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+            save(run / "checkpoints" / "last.pt")
+            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
+                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        dist.barrier()
+
+    # ---- final evaluation: kNN, layer energies, linear probe (offline, frozen encoder), summary.json
+    if dist.is_main():
+        final = metrics or {**monitor(online.f, eval_loaders, dev, cfg.eval),
+                            **energies(online, cfg.mhe.layers, cfg.mhe.power)}
+        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+        logger.summary({"method": METHOD, "mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers,
+                        "mhe_weight": lam, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                        "knn_init": c["knn_init"], **final, **linear,
+                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    dist.barrier()
+    return None
+
+
+if __name__ == "__main__":
+    dist.launch(train, parse(sys.argv[1:], DEFAULTS, method=METHOD))
