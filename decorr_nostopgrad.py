@@ -1,0 +1,342 @@
+"""Decorr: non-contrastive learning with a decorrelation constraint instead of stop-gradient, one file.
+
+Paper: Liu, Suganuma & Okatani, "Bridging the Gap from Asymmetry Tricks to Decorrelation Principles
+in Non-contrastive Self-supervised Learning" (Decorr), NeurIPS 2022: §4 Eq. 15-19, setup §5.1, Tab. 1-4.
+
+    x -> f (ResNet without fc) -> g (projector MLP) = f_i      (the paper's f_i^1, f_i^2: projector outputs)
+    f̄_i = (f_i - μ) / σ,   μ, σ² = 1/(n-1) Σ (f_j - μ)²  per dimension over the global batch    (Eq. 18)
+    F = [f̄_1 .. f̄_n] / √n   (d x n),   split into k partitions  F = (1/√k) [F_1 .. F_k]        (§4.4)
+    L(F¹→F²) = c_inv ||W_p F¹ - F²||_F² + c_cov/d Σ_{i=1..k} ||W_pᵀW_p - W_p(F¹_i F¹_iᵀ)W_pᵀ||_F²  (Eq. 19)
+    L = L(F¹→F²) + L(F²→F¹)                                                  (symmetric, §4.2)
+
+No stop-gradient anywhere and no target/EMA network (the ``ema`` config keys are unused). W_p is a
+d x d linear predictor; k = 1 is Eq. 17. Defaults (Tab. 1 best): projector 2048-2048-2048 with BN+ReLU
+between its layers, k = 8, c_inv = 25, c_cov = 1; ImageNet: ResNet-50, zero_init_residual, LARS base
+lr 0.3 x batch/256, batch 2048, 100 epochs, 10 warm-up; SyncBN everywhere incl. the standardisation.
+
+How we compute it (exactly Eq. 19, arranged for speed and DDP):
+- W_p(F_i F_iᵀ)W_pᵀ = (1/n') Σ_{j in partition i} p_j p_jᵀ with p_j = W_p f̄_j (n' = n/k): the same
+  matrix from the predictions, n'd² instead of d³ operations.
+- Sample j of the global batch belongs to partition j mod k. Rank r of W processes holds global
+  positions r, r+W, ... (common.dist.sampler), so when W divides k each device computes k/W
+  partitions on its own samples (§4.4: "compute each partitioned term separately on a single
+  computational node"); otherwise the predictions are gathered (differentiable) first.
+  The standardisation statistics are summed over processes with differentiable all-reduces
+  (SyncBN semantics, §4.4, §5.1). Each process computes its share of the loss and the shares are
+  summed with a differentiable all-reduce, so the loss and gradients equal one process's.
+- σ² gets ``loss.std_eps`` (1e-5, BatchNorm's) added, a guard for constant dimensions only.
+
+Switches for the ablations (Tab. 3): ``loss.standardize`` (Eq. 18 on/off; off: F = [f_1..f_n]/√n,
+Eq. 5), ``loss.identity_predictor`` (W_p = I fixed, "I-PRED"), ``loss.stopgrad`` (BYOL/SimSiam-style:
+the target F² of each direction is detached; SimSiam-like on the same network, no EMA target, as
+in Eq. 5, which writes StopGrad(F²) of the one network), with k, c_inv, c_cov.
+
+The authors' public code (github.com/KJ-rc/bridging-the-gap, main.py) differs from the paper;
+we follow the paper and expose each difference:
+  1. standardisation is off unless ``--standardization-off`` is passed (an inverted store_false
+     flag)                                       -> loss.standardize (paper and default: true);
+  2. it is BatchNorm1d(affine=False): biased variance, eps 1e-5  -> loss.std_var: biased;
+  3. no partition option; the correlation term is computed on each GPU's local batch, i.e. k =
+     the number of GPUs                          -> loss.partitions = number of processes;
+  4. W_p is an nn.Linear with a bias             -> model.predictor_bias (the correlation term then
+     uses the predictions with the bias, as that code does);
+  5. c_inv = c_cov = 8 with MSE means: the invariance term is averaged over the n x d entries (Eq. 19's
+     term / d); the correlation term (mean over d² entries) x d equals Eq. 19's c_cov/d scaling
+                                                 -> loss.inv_norm: mse, loss.c_inv/c_cov: 8;
+  6. projector Linear layers have no bias (after BN, or the standardisation, a bias has no effect;
+     only the last layer's matters when standardisation is off): not exposed;
+  7. a linear classifier trained online on detached features for monitoring: not implemented
+     (we log kNN every eval and run the linear evaluation offline at the end).
+configs/decorr_nostopgrad/authors_code_imagenet_resnet50.yaml sets 1-5.
+
+Diagnostics at every eval: ||Σ - I||_F² of the correlation matrix of backbone features of the
+held-out (test) images without augmentation (Fig. 1), W_p's asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and
+eigenvalue summary (Fig. 4); W_p is saved in every checkpoint and, every ``diag.wp_every`` epochs,
+with its eigenvalues in run_dir/predictor/ (Fig. 3). The summary reports collapse as a result.
+
+Run:
+    python decorr_nostopgrad.py --config configs/quickstart/decorr_nostopgrad.yaml         # CPU, minutes
+    torchrun --nproc_per_node=8 decorr_nostopgrad.py --config configs/decorr_nostopgrad/tab4_ours_p8192x3.yaml
+    python decorr_nostopgrad.py --config ... --set loss.partitions=1 dist.nproc=2 resume=auto
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from common import checkpoint, data, dist, log
+from common.augment import ViewMaker
+from common.config import UserError, parse
+from common.evaluate import correlation_distance, extract_features, feature_std, final_linear_eval, monitor
+from common.models import mlp, resnet
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+
+METHOD = "decorr_nostopgrad"
+DEFAULTS = {
+    "model": {"zero_init_residual": True,  # §5.1, following Barlow Twins / VICReg
+              "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3,  # 2048-2048-2048 (Tab. 1)
+              "predictor_bias": False},    # W_p F (Eq. 19); the authors' code has a bias
+    "loss": {"partitions": 8,              # k of Eq. 19 (global; per device under DDP, §4.4)
+             "c_inv": 25.0, "c_cov": 1.0,  # Tab. 1 best
+             "standardize": True,          # Eq. 18 ("STD" of Tab. 3)
+             "identity_predictor": False,  # W_p = I fixed ("I-PRED" of Tab. 3)
+             "stopgrad": False,            # BYOL/SimSiam-style stop-gradient ("STOPGRAD" of Tab. 3)
+             "std_var": "unbiased",        # Eq. 18; biased: BatchNorm's (authors' code)
+             "std_eps": 1.0e-5,            # added to σ²: numerical guard (BatchNorm's eps)
+             "inv_norm": "frobenius"},     # Eq. 19; mse: / d (authors' code)
+    "diag": {"wp_every": 1,                # epochs between W_p eigen-summaries + saved W_p (0: never)
+             "collapse_floor": 0.1},       # collapsed if std of l2-normalised features x √dim is below this
+}
+CHOICES = {"loss.std_var": ("unbiased", "biased"), "loss.inv_norm": ("frobenius", "mse")}
+
+
+# --------------------------------------------------------------------------- the paper's pieces
+def standardize(f, eps=1e-5, unbiased=True):
+    """(Decorr, Eq. 18) f̄ = (f - μ)/σ per dimension over the global batch, σ² = Σ(f - μ)²/(n-1).
+
+    Sums over processes are differentiable all-reduces (SyncBN semantics, §5.1); one process: plain.
+    """
+    n = f.shape[0] * dist.world_size()
+    mu = dist.all_reduce_grad(f.sum(0)) / n
+    var = dist.all_reduce_grad((f - mu).pow(2).sum(0)) / (n - 1 if unbiased else n)
+    return (f - mu) / torch.sqrt(var + eps)
+
+
+def correlation_term(p, W_p, k):
+    """(Decorr, Eq. 19) Σ_{i=1..k} ||W_pᵀW_p - W_p(F_iF_iᵀ)W_pᵀ||_F² over the rows of p = W_p f̄ [m, d].
+
+    Row j is in partition j mod k; W_p(F_iF_iᵀ)W_pᵀ = (1/n') Σ_{j in i} p_j p_jᵀ, n' = m/k.
+    """
+    m, d = p.shape
+    parts = p.reshape(m // k, k, d)
+    WtW = W_p.T @ W_p
+    return sum((WtW - parts[:, i].T @ parts[:, i] / (m // k)).pow(2).sum() for i in range(k))
+
+
+def direction_loss(fa, fb, W_p, b, k, stopgrad=False):
+    """(Decorr, Eq. 19) one direction F^a -> F^b on this process's rows f̄ [m, d]: this process's shares of
+    ||W_p F^a - F^b||_F² and of Σ_i ||W_pᵀW_p - W_p(F^a_i F^a_iᵀ)W_pᵀ||_F² (one process: the terms).
+
+    ``b``: predictor bias or None; ``stopgrad``: F^b is a constant (BYOL/SimSiam, Tab. 3).
+    """
+    world, (m, d) = dist.world_size(), fa.shape
+    n = m * world  # global batch: F = [f̄_1 .. f̄_n]/√n
+    fb = fb.detach() if stopgrad else fb
+    p = fa @ W_p.T + (b if b is not None else 0)  # W_p f̄_j (+ b)
+    inv = (p - fb).pow(2).sum() / n  # ||W_p F^a - F^b||_F² (Eq. 5 scaling)
+    if k % world == 0:  # (§4.4) each device computes its own k/W partitions
+        return inv, correlation_term(p, W_p, k // world)
+    # partitions span devices: all predictions in global-batch order, on every rank
+    p_all = dist.all_gather_grad(p).reshape(world, m, d).transpose(0, 1).reshape(n, d)
+    return inv, correlation_term(p_all, W_p, k) / world
+
+
+def decorr_loss(f1, f2, W_p, b, k, c_inv, c_cov, stopgrad=False, inv_norm="frobenius"):
+    """(Decorr, Eq. 19, §4.2) L(F¹→F²) + L(F²→F¹): this process's shares of c_inv·(invariance) and
+    c_cov/d·(correlation); ``inv_norm="mse"`` divides the invariance by d (authors' code)."""
+    d = f1.shape[1]
+    inv12, cov12 = direction_loss(f1, f2, W_p, b, k, stopgrad)
+    inv21, cov21 = direction_loss(f2, f1, W_p, b, k, stopgrad)
+    inv = (inv12 + inv21) / (d if inv_norm == "mse" else 1)
+    return c_inv * inv, c_cov / d * (cov12 + cov21)
+
+
+class Decorr(nn.Module):
+    """f (ResNet without fc), g (projector: Linear-BN-ReLU x (layers-1), Linear), W_p (d x d linear)."""
+
+    def __init__(self, m, identity_predictor):
+        super().__init__()
+        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        self.g = mlp(dim, m.proj_hidden, m.proj_dim, m.proj_layers, norm="none" if m.norm == "none" else "bn")
+        self.W_p = None if identity_predictor else nn.Linear(m.proj_dim, m.proj_dim, bias=m.predictor_bias)
+        self.d = m.proj_dim
+
+    def predictor(self):
+        """(W_p, b): the weight (I when fixed, "I-PRED") and the bias or None."""
+        if self.W_p is None:
+            return torch.eye(self.d, device=next(self.parameters()).device), None
+        return self.W_p.weight, self.W_p.bias
+
+    def forward(self, views):
+        return [self.g(self.f(x)) for x in views]
+
+
+@torch.no_grad()
+def predictor_diagnostics(W_p):
+    """(Decorr, Fig. 4) asymmetry ||W_p - W_pᵀ||_F / ||W_p||_F and W_p's eigenvalues (float64)."""
+    W = W_p.detach().double().cpu()
+    ev = torch.linalg.eigvals(W)
+    mag = ev.abs()
+    big = ev.real[mag >= 0.1 * mag.max()]  # Fig. 4b: the eigenvalues that do not go to 0 approach one c
+    return {"wp_asym": ((W - W.T).norm() / W.norm().clamp_min(1e-30)).item(),
+            "wp_eig_re_max": ev.real.max().item(), "wp_eig_re_median": ev.real.median().item(),
+            "wp_eig_re_min": ev.real.min().item(), "wp_eig_im_max": ev.imag.abs().max().item(),
+            "wp_eig_small_frac": (mag < 0.1 * mag.max()).double().mean().item(),
+            "wp_eig_cv": (big.std() / big.mean().abs()).item() if len(big) > 1 else 0.0}, ev
+
+
+@torch.no_grad()
+def representation_diagnostics(model, loaders, device):
+    """(Decorr, Fig. 1) ||Σ - I||_F² of the backbone features' correlation matrix on the un-augmented
+    test images, and collapse indicators: std of l2-normalised backbone / projector outputs x √dim."""
+    feats, _ = extract_features(model.f, loaders["test"], device)
+    was_training = model.g.training
+    model.g.eval()
+    z = model.g(feats)
+    model.g.train(was_training)
+    return {"corr_dist": correlation_distance(feats.double()).item(),
+            "feature_std_rel": feature_std(feats) * feats.shape[1] ** 0.5,
+            "proj_std_rel": feature_std(z) * z.shape[1] ** 0.5, "proj_rms": z.pow(2).mean().sqrt().item()}
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg):
+    dev = dist.device(cfg)
+    run = log.run_dir(cfg, METHOD)
+    ckpt_file = checkpoint.resume_path(run, cfg.resume)
+    state = checkpoint.load(ckpt_file) if ckpt_file else None
+    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
+    logger.config(cfg)
+    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+    L, world = cfg.loss, dist.world_size()
+    local = cfg.optim.batch_size // world
+    if cfg.optim.batch_size % L.partitions or (L.partitions % world == 0 and local % (L.partitions // world)):
+        raise UserError(f"loss.partitions={L.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
+                        f"(and, when the {world} processes divide it, each process's {local} samples)")
+
+    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
+    ssl_set = data.load(cfg.data, "ssl")
+    mean, std = data.stats(cfg.data.name)
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
+    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = data.eval_loaders(cfg)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
+                        f"{len(ssl_set)} training images: lower optim.batch_size")
+
+    # model: f, g, W_p; SyncBN across processes (the standardisation is synchronised by `standardize`)
+    online = Decorr(cfg.model, L.identity_predictor)
+    if world > 1 and cfg.model.sync_bn:
+        online = dist.convert_sync_bn(online, dev.type == "cuda")
+    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    peak_lr = scaled_lr(cfg.optim)  # base 0.3 x batch/256 for the whole model (§5.1)
+    opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    model = dist.ddp(online, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
+    if state:  # exact resume: weights, optimizer, counters, RNG streams
+        c = checkpoint.restore(state, cfg, online=online, optimizer=opt, views=views)
+        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
+    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
+        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
+    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
+
+    def save(path):  # W_p also stored on its own (Fig. 3)
+        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        snap = checkpoint.snapshot(cfg, c, online=online, optimizer=opt, views=views)
+        snap["W_p"] = online.predictor()[0].detach().cpu().clone()
+        checkpoint.save(snap, path)
+
+    images_seen, t_train, metrics, diag = 0, 0.0, {}, {}
+    while epoch < cfg.optim.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
+        t0 = time.time()
+        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
+            if batch_in_epoch == steps_per_epoch * accum:
+                break  # drop a last incomplete accumulation group
+            # ---- one forward: both views through f and g; standardise; Eq. 19 both ways (fp32)
+            x1, x2 = views(batch)
+            last_micro = (batch_in_epoch + 1) % accum == 0
+            with model.no_sync() if not last_micro and world > 1 else nullcontext():
+                with amp:
+                    z1, z2 = model([x1, x2])
+                z1, z2 = z1.float(), z2.float()
+                if L.standardize:  # (Decorr, Eq. 18)
+                    f1 = standardize(z1, L.std_eps, L.std_var == "unbiased")
+                    f2 = standardize(z2, L.std_eps, L.std_var == "unbiased")
+                else:
+                    f1, f2 = z1, z2
+                W_p, b = online.predictor()
+                inv, cov = decorr_loss(f1, f2, W_p, b, L.partitions, L.c_inv, L.c_cov, L.stopgrad, L.inv_norm)
+                total = dist.all_reduce_grad(torch.stack([inv + cov, inv, cov]))  # sum of the shares
+                loss = total[0]  # (Decorr, Eq. 19), symmetric
+                (loss / accum).backward()
+            batch_in_epoch += 1
+            images_seen += x1.shape[0] * world
+            if not last_micro:
+                continue
+            # ---- optimizer step (every accum forwards)
+            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lr(opt, lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # ---- logging, NaN guard, step checkpoints
+            if step % cfg.log.every == 0 or step == total_steps:
+                losses = total.detach().tolist()
+                z_std = dist.all_reduce_mean(z1.detach().std(0).mean()).item()  # raw projector scale
+                if any(v != v or abs(v) == float("inf") for v in losses):
+                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
+                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_inv": losses[1],
+                            "loss_cov": losses[2], "z_std": z_std, "lr": lr})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
+                save(run / "checkpoints" / "last.pt")
+            if step == cfg.checkpoint.stop_after_step:
+                if dist.is_main():
+                    save(run / "checkpoints" / "last.pt")
+                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
+                return None
+        t_train += time.time() - t0
+        epoch, batch_in_epoch = epoch + 1, 0
+
+        # ---- end of epoch: kNN monitor, Fig. 1 / Fig. 4 diagnostics, W_p, checkpoint
+        last = epoch == cfg.optim.epochs
+        if dist.is_main() and (last or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
+            diag = representation_diagnostics(online, eval_loaders, dev)
+            if online.W_p is not None and cfg.diag.wp_every and (last or epoch % cfg.diag.wp_every == 0):
+                wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
+                diag.update(wp_metrics)
+                checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
+                                 "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
+                                 "epoch": epoch,
+                                 "step": step}, run / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
+            logger.log({"step": step, "epoch": epoch, **metrics, **diag})
+            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
+                         " ".join(f"{k} {v:.4g}" for k, v in {**metrics, **diag}.items()))
+        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or last):
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
+                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+            save(run / "checkpoints" / "last.pt")
+            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
+                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        dist.barrier()
+
+    # ---- final evaluation: kNN, diagnostics, collapse verdict, linear probe (offline), summary.json
+    if dist.is_main():
+        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+        diag = diag or representation_diagnostics(online, eval_loaders, dev)
+        collapsed = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
+        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+        logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                        "knn_init": c["knn_init"], **final, **diag, "collapsed": collapsed,
+                        "collapse_floor": cfg.diag.collapse_floor, **linear,
+                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    dist.barrier()
+    return None
+
+
+if __name__ == "__main__":
+    dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))
