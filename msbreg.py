@@ -1,0 +1,286 @@
+"""MSBReg: multiview centroid, singular-value and Brownian diffusive losses, one file.
+
+Paper: Moon, Buracas, Park, Kim, Canny, "An Embedding-Dynamic Approach to Self-supervised Learning"
+(MSBReg), §3.2, Eq. 2-7; training setup App. 7.1-7.3; BYOL (Grill et al. 2020) architecture §3.1.
+
+    K views v_1..v_K of each image x (same augmentation family, Tab. 9), every view through both networks:
+    online:  v_j -> f_θ -> g_θ -> h_θ = p_j        target: v_l -> f_ξ -> g_ξ = z'_l     ξ <- τξ + (1-τ)θ
+
+    L_c = 1/K Σ_j ||p̂_j - 1/K Σ_l ẑ'_l||²      (Eq. 3, per image, mean over the batch; ẑ' stop-gradient)
+    L_b = 1/K Σ_j <n̂, p̂_j>,  n ~ N(0, I_d)     (Eq. 4, one n per image per step, shared by its K views)
+    S_j = 1/(n-1) Σ_i (p_ij - p̄_j)(p_ij - p̄_j)ᵀ (Eq. 5, over the global batch, per view j)
+    L_s = 1/K Σ_j ||S_j - I_d||_F²  (= 1/K Σ_j Σ_i (σ_ij - 1)², Eq. 7)                      (Eq. 6)
+    L   = L_c + λ_s L_s + λ_b L_b,  λ_s = 0.004, λ_b = 0.5 (§4.5, Tab. 11)                   (Eq. 2)
+
+Choices where the paper leaves room (see README "msbreg" for the full list):
+- L_s on raw predictions p (Eq. 5 as written) by default; ``loss.s_normalized: true`` uses p̂ (the
+  sentence before Eq. 5 speaks of "the projections p̂").
+- Brownian noise comes from its own seeded generator (saved in every checkpoint: exact resume). Every
+  process draws the *global* batch's noise [batch_size, d] from the same stream and keeps the rows of its
+  own images (rank r holds global rows r, r+W, ...: ``common.data.ResumableSampler``'s split), so the
+  noise an image gets does not depend on the number of processes.
+- Each view is a separate forward (per-view BatchNorm statistics, as BYOL's two views).
+- ``loss.centroid: false`` (K = 2 only) replaces Eq. 3 by BYOL's Eq. 1, symmetrised and averaged over
+  the two directions: the "L_c ✗" rows of Tab. 8. With K = 2, Eq. 3 itself is *not* BYOL: it equals
+  ½ L_BYOL + ¼ (||p̂_1-ẑ'_1||² + ||p̂_2-ẑ'_2||²) - ¼ ||ẑ'_1-ẑ'_2||² (tests/test_msbreg_losses.py).
+- lr = base × batch/256 × K (App. 7.1). Heads 512 hidden, 128 out for ResNet-18 (App. 7.2);
+  ``model.head_norm`` swaps the heads' BatchNorm for LayerNorm (Tab. 13).
+
+Run:
+    python msbreg.py --config configs/quickstart/msbreg.yaml                     # CPU, minutes
+    python msbreg.py --config configs/msbreg/stl10_resnet18_320ep_k4.yaml --set data.root=/data
+    torchrun --nproc_per_node=8 msbreg.py --config configs/msbreg/imagenet_resnet50_300ep_k4.yaml
+    python msbreg.py --config ... --set loss.K=8 loss.lambda_b=1.0 dist.nproc=2 resume=auto
+"""
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, data, dist, log
+from common.augment import ViewMaker
+from common.config import UserError, parse
+from common.ema import EMA, tau_at
+from common.evaluate import extract_features, final_linear_eval, knn_accuracies, monitor
+from common.models import mlp, resnet
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+
+METHOD = "msbreg"
+DEFAULTS = {
+    "loss": {"K": 4,                  # views per image (K = 2: BYOL-like)
+             "lambda_s": 0.004,       # λ_s of Eq. 2 (§4.5)
+             "lambda_b": 0.5,         # λ_b of Eq. 2 (§4.5)
+             "s_normalized": False,   # Eq. 5 on p (false, as written) or on p̂ (true)
+             "centroid": True,        # Eq. 3; false: BYOL's Eq. 1 (K = 2), the "L_c ✗" rows of Tab. 8
+             "noise_seed": 0},        # seed of the Brownian noise stream (Eq. 4)
+    "model": {"proj_hidden": 512, "proj_dim": 128, "pred_hidden": 512,  # ResNet-18 heads (App. 7.2)
+              "head_norm": "bn"},     # norm in the projector/predictor: bn | ln | none (Tab. 13)
+    "optim": {"lr": 0.4, "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},
+    "augment": {"blur_p": [1.0], "solarize_p": [0.2]},  # Tab. 9: every view
+    "eval": {"knn_k": [200, 20, 5],   # weighted kNN (T = eval.knn_t); 20/200-NN of Tab. 4
+             "knn_majority_k": [5]},  # majority-vote kNN at the end: the 5-NN of Tab. 1
+}
+CHOICES = {"model.head_norm": ("bn", "ln", "none")}
+
+
+# --------------------------------------------------------------------------- the paper's pieces
+def centroid_loss(p, z_target):
+    """(MSBReg, Eq. 3) 1/K Σ_j ||p̂_j - 1/K Σ_l ẑ'_l||² per image. p, z_target: [K, B, d] -> [B]."""
+    centroid = F.normalize(z_target.detach(), dim=-1).mean(0)  # target: stop-gradient
+    return (F.normalize(p, dim=-1) - centroid).pow(2).sum(-1).mean(0)
+
+
+def byol_loss(p, z_target):
+    """(MSBReg, Eq. 1) ||p̂ - ẑ'||² across the two views, averaged over both directions. [2, B, d] -> [B]."""
+    pn, zn = F.normalize(p, dim=-1), F.normalize(z_target.detach(), dim=-1)
+    return ((pn[0] - zn[1]).pow(2).sum(-1) + (pn[1] - zn[0]).pow(2).sum(-1)) / 2
+
+
+def brownian_loss(p, n):
+    """(MSBReg, Eq. 4) 1/K Σ_j <n̂, p̂_j> per image; n [B, d] is shared by the K views. p: [K, B, d] -> [B]."""
+    return (F.normalize(n, dim=-1) * F.normalize(p, dim=-1)).sum(-1).mean(0)
+
+
+def singular_value_loss(p, normalized=False):
+    """(MSBReg, Eq. 5-6) 1/K Σ_j ||S_j - I||_F², S_j the covariance over the batch (rows) of view j.
+
+    p: [K, n, d], the whole (global) batch of each view. Equals 1/K Σ_j Σ_i (σ_ij - 1)² (Eq. 7)."""
+    if normalized:
+        p = F.normalize(p, dim=-1)
+    n, d = p.shape[1], p.shape[2]
+    pc = p - p.mean(1, keepdim=True)
+    S = pc.transpose(1, 2) @ pc / (n - 1)                                   # (Eq. 5)
+    return (S - torch.eye(d, device=p.device, dtype=p.dtype)).pow(2).sum((1, 2)).mean()  # (Eq. 6)
+
+
+class BrownianNoise:
+    """n ~ N(0, I_d) for each image of the step (Eq. 4), from a seeded stream kept in the checkpoint.
+
+    Every process draws the global batch's noise and keeps its own images' rows (rank r holds global rows
+    r, r+W, ... of each global batch), so an image's noise is the same for any number of processes."""
+
+    def __init__(self, dim, seed, device):
+        self.dim, self.generator = dim, torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, local_batch):
+        n = torch.randn(local_batch * dist.world_size(), self.dim, generator=self.generator,
+                        device=self.generator.device)
+        return n[dist.rank()::dist.world_size()]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd):
+        self.generator.set_state(sd["generator"])
+
+
+class Online(nn.Module):
+    """f_θ (ResNet without fc), g_θ (projector), h_θ (predictor); each of the K views is its own forward."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm=m.head_norm)
+        self.h = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=m.head_norm)
+
+    def forward(self, views):
+        return torch.stack([self.h(self.g(self.f(v))) for v in views])  # p: [K, B, d]
+
+
+@torch.no_grad()
+def knn_majority(encoder, loaders, device, ks):
+    """Majority-vote k-NN (cosine) on the frozen encoder: the 5-NN column of Tab. 1."""
+    train_f, train_y = extract_features(encoder, loaders["train"], device)
+    test_f, test_y = extract_features(encoder, loaders["test"], device)
+    acc = knn_accuracies(train_f, train_y, test_f, test_y, ks=tuple(ks), num_classes=loaders["num_classes"],
+                         weighted=False)
+    return {f"{k}_majority": v for k, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- training
+def train(cfg):
+    K, lam_s, lam_b = cfg.loss.K, cfg.loss.lambda_s, cfg.loss.lambda_b
+    if K < 2 or (not cfg.loss.centroid and K != 2):
+        raise UserError(f"loss.K={K}: need K >= 2 views, and K = 2 with loss.centroid=false (BYOL's Eq. 1)")
+    dev = dist.device(cfg)
+    run = log.run_dir(cfg, METHOD)
+    ckpt_file = checkpoint.resume_path(run, cfg.resume)
+    state = checkpoint.load(ckpt_file) if ckpt_file else None
+    if state and state["config"].get("loss", {}).get("K") != K:
+        raise UserError(f"the checkpoint was written with loss.K={state['config'].get('loss', {}).get('K')}, "
+                        f"this run has loss.K={K}: resume with the run's own config.yaml")
+    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
+    logger.config(cfg)
+    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # data: SSL images (uint8 batches, K views made on the device) and un-augmented eval sets
+    ssl_set = data.load(cfg.data, "ssl")
+    mean, std = data.stats(cfg.data.name)
+    views = ViewMaker(cfg.augment, K, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
+    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = data.eval_loaders(cfg)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
+                        f"{len(ssl_set)} training images: lower optim.batch_size")
+    noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, dev)  # same stream on every rank
+
+    # model: online f, g, h and the EMA target (f, g); SyncBN across processes
+    online = Online(cfg.model)
+    if dist.world_size() > 1 and cfg.model.sync_bn:
+        online = dist.convert_sync_bn(online, dev.type == "cuda")
+    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    target = deepcopy(nn.Sequential(online.f, online.g))
+    ema = EMA(target, nn.Sequential(online.f, online.g))
+    peak_lr = scaled_lr(cfg.optim, lr_factor=K)  # (MSBReg, App. 7.1) base x batch/256 x K
+    opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    model = dist.ddp(online, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
+    if state:  # exact resume: weights, optimizer, counters, RNG streams (views and Brownian noise)
+        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views, noise=noise)
+        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
+    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
+        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
+    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
+
+    def save(path):
+        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views,
+                                            noise=noise), path)
+
+    images_seen, t_train, metrics = 0, 0.0, {}
+    while epoch < cfg.optim.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
+        t0 = time.time()
+        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
+            if batch_in_epoch == steps_per_epoch * accum:
+                break  # drop a last incomplete accumulation group
+            # ---- one forward: K views, every view through online and target
+            xs = views(batch)
+            n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
+            last_micro = (batch_in_epoch + 1) % accum == 0
+            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
+                p = model(xs).float()                                  # [K, B, d]
+                with torch.no_grad():
+                    z_t = torch.stack([target(x) for x in xs]).float()  # [K, B, d]
+                l_c = (centroid_loss(p, z_t) if cfg.loss.centroid else byol_loss(p, z_t)).mean()  # (Eq. 3 / 1)
+                l_s = torch.zeros((), device=dev)
+                if lam_s != 0:  # (Eq. 5-6) covariance over the global batch: gather every process's rows
+                    p_all = dist.all_gather_grad(p.transpose(0, 1).contiguous()).transpose(0, 1)
+                    l_s = singular_value_loss(p_all, cfg.loss.s_normalized)
+                l_b = brownian_loss(p, n).mean()                       # (Eq. 4)
+                loss = l_c + lam_s * l_s + lam_b * l_b                 # (Eq. 2)
+                (loss / accum).backward()
+            batch_in_epoch += 1
+            images_seen += xs[0].shape[0] * dist.world_size()
+            if not last_micro:
+                continue
+            # ---- optimizer step (every accum forwards), then the EMA target update
+            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lr(opt, lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
+            ema.update(tau)
+            step += 1
+            # ---- logging (each term of Eq. 2 separately), NaN guard, step checkpoints
+            if step % cfg.log.every == 0 or step == total_steps:
+                losses = dist.all_reduce_mean(torch.stack([loss, l_c, l_s, l_b]).float()).tolist()
+                if any(v != v or abs(v) == float("inf") for v in losses):
+                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
+                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_c": losses[1],
+                            "loss_s": losses[2], "loss_b": losses[3], "lr": lr, "tau": tau})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
+                save(run / "checkpoints" / "last.pt")
+            if step == cfg.checkpoint.stop_after_step:
+                if dist.is_main():
+                    save(run / "checkpoints" / "last.pt")
+                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
+                return None
+        t_train += time.time() - t0
+        epoch, batch_in_epoch = epoch + 1, 0
+
+        # ---- end of epoch: kNN monitor, alignment/uniformity (Tab. 12), checkpoint
+        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(xs[0], xs[1]))
+            logger.log({"step": step, "epoch": epoch, **metrics})
+            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
+                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
+                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+            save(run / "checkpoints" / "last.pt")
+            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
+                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        dist.barrier()
+
+    # ---- final evaluation: weighted kNN, majority 5-NN, linear probe (offline, frozen encoder), summary.json
+    if dist.is_main():
+        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+        if cfg.eval.knn_majority_k:
+            final.update(knn_majority(online.f, eval_loaders, dev, cfg.eval.knn_majority_k))
+        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+        logger.summary({"method": METHOD, "K": K, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                        "knn_init": c["knn_init"], **final, **linear,
+                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    dist.barrier()
+    return None
+
+
+if __name__ == "__main__":
+    dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))
