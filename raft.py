@@ -101,15 +101,19 @@ def alignment_loss(p1, p2):
     return (unit(p1) - unit(p2)).pow(2).sum(-1)
 
 
-def teacher_distance(p, z_mt, tangential=False):
-    """||p̂ - ẑ'||² per sample, the MT output detached (Eq. 6). Tangential (§5 Remark): ||ẑ' - λp̂||²/λ with
-    λ = sg(<p̂, ẑ'>); its gradient w.r.t. p̂ is -2(ẑ' - λp̂), the tangential part of the plain -2(ẑ' - p̂)."""
-    p, z = unit(p), unit(z_mt.detach())
+def sphere_distance(p_hat, z_hat, tangential=False):
+    """||p̂ - ẑ'||² per sample for unit vectors (Eq. 6 on the hypersphere). Tangential (§5 Remark): ||ẑ' - λp̂||²/λ
+    with λ = sg(<p̂, ẑ'>); its gradient w.r.t. p̂ is -2(ẑ' - λp̂), the tangential part of the plain -2(ẑ' - p̂)."""
     if not tangential:
-        return (p - z).pow(2).sum(-1)
-    lam = (p * z).sum(-1, keepdim=True).detach()
+        return (p_hat - z_hat).pow(2).sum(-1)
+    lam = (p_hat * z_hat).sum(-1, keepdim=True).detach()
     lam = torch.where(lam.abs() < LAMBDA_MIN, torch.where(lam < 0, -LAMBDA_MIN, LAMBDA_MIN), lam)
-    return (z - lam * p).pow(2).sum(-1) / lam.squeeze(-1)
+    return (z_hat - lam * p_hat).pow(2).sum(-1) / lam.squeeze(-1)
+
+
+def teacher_distance(p, z_mt, tangential=False):
+    """Distance of an online output p to the mean teacher's z' on the sphere; z' is stop-gradient (sg)."""
+    return sphere_distance(unit(p), unit(z_mt.detach()), tangential)
 
 
 def cross_model_loss(p1, p2, z1_mt, z2_mt, tangential=False):
