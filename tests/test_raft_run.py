@@ -1,0 +1,202 @@
+"""raft.py end to end as a user runs it (subprocesses): smoke runs for RAFT and BYOL, the per-epoch Tab. 1
+metrics, exact resume, DDP equivalence, the seed list, one clear error for bad input, every paper config, and
+(slow) the quickstart's learning check."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import raft
+from common.config import UserError, _parse, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "configs" / "quickstart" / "raft.yaml"
+TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
+        "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
+        "eval.linear_epochs=2", "log.every=1"]
+FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
+               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
+
+
+def run(tmp_path, *overrides, name="r", check=True, tiny=True):
+    cmd = [sys.executable, str(ROOT / "raft.py"), "--config", str(QUICK), "--set", f"out_dir={tmp_path}",
+           f"name={name}", *(TINY if tiny else []), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def metrics(tmp_path, name):
+    return [json.loads(x) for x in (tmp_path / "raft" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(tmp_path, name):
+    return json.loads((tmp_path / "raft" / name / "summary.json").read_text())
+
+
+def params(tmp_path, name):
+    return torch.load(tmp_path / "raft" / name / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("objective,predictor", [("raft", "mlp"), ("byol", "linear")])
+def test_smoke_run_writes_every_output(tmp_path, objective, predictor):
+    run(tmp_path, f"loss.objective={objective}", f"model.predictor={predictor}", "optim.epochs=2")
+    d = tmp_path / "raft" / "r"
+    for f in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json"):
+        assert (d / f).is_file(), f
+    s = summary(tmp_path, "r")
+    for k in ("knn200", "knn_init", "linear_top1", "uniformity", "wall_time_s", "images_per_s"):
+        assert k in s, k
+    assert s["objective"] == objective and s["predictor"] == predictor
+    assert s["beta_tab3"] == {"raft": -1.0, "byol": 0.0}[objective]  # Tab. 3's signed β
+    steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
+    assert len(steps) == 8 and all(0 <= m["loss_align"] <= 4 and 0 <= m["loss_cross"] <= 4 for m in steps)
+    if objective == "raft":  # Eq. 11 with α = β = 1: loss = L_align - L_cross
+        assert all(abs(m["loss"] - (m["loss_align"] - m["loss_cross"])) < 1e-4 for m in steps)
+    # Tab. 1: L_align(q∘f) and L_uniform(f) every epoch; summary = their mean over the last (up to 10) epochs
+    per_epoch = [m for m in metrics(tmp_path, "r") if "align_qf" in m]
+    assert [m["epoch"] for m in per_epoch] == [1, 2] and s["last10_epochs"] == [1, 2]
+    assert abs(s["align_qf_last10"] - sum(m["align_qf"] for m in per_epoch) / 2) < 1e-5
+    assert abs(s["uniform_f_last10"] - sum(m["uniform_f"] for m in per_epoch) / 2) < 1e-5
+    assert all(m["uniform_f"] < 0 for m in per_epoch)  # Eq. 3 is the log of a mean of values <= 1
+
+
+def test_exact_resume_equals_uninterrupted_run(tmp_path):
+    more = ["optim.epochs=2", "eval.linear=none", "loss.tangential=true", "model.same_init=false"]
+    run(tmp_path, *more, name="full")
+    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
+    run(tmp_path, *more, "resume=auto", name="cut")
+    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
+    assert a["counters"]["step"] == b["counters"]["step"] == 8
+    for part in ("online", "target"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert metrics(tmp_path, "cut") == metrics(tmp_path, "full")
+    sa, sb = summary(tmp_path, "full"), summary(tmp_path, "cut")
+    assert sa["align_qf_last10"] == sb["align_qf_last10"] and sa["uniform_f_last10"] == sb["uniform_f_last10"]
+
+
+def test_independent_init_differs_from_copy(tmp_path):
+    """same_init: true -> the MT starts as the online network's copy; false -> an independent draw."""
+    run(tmp_path, "checkpoint.stop_after_step=1", "optim.lr=0", name="copy")
+    run(tmp_path, "checkpoint.stop_after_step=1", "optim.lr=0", "model.same_init=false", name="indep")
+    for name, same in (("copy", True), ("indep", False)):
+        ck = params(tmp_path, name)
+        w_online, w_target = ck["online"]["f.conv1.weight"], ck["target"]["0.conv1.weight"]
+        assert torch.equal(w_online, w_target) == same, name
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    """Same global batch (fixed views), 1 vs 2 processes (Gloo, SyncBN): same losses and weights.
+
+    SGD, not the quickstart's Adam: Adam divides the round-off-level gradient of the projector's bias before
+    BN (zero in exact arithmetic) by its own tiny running norm, which turns float noise into lr-sized steps."""
+    common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.name=sgd", "optim.lr=0.05"]
+    run(tmp_path, *common, name="one")
+    run(tmp_path, *common, "dist.nproc=2", name="two")
+    one = [[m["loss"], m["loss_align"], m["loss_cross"]] for m in metrics(tmp_path, "one") if "loss" in m]
+    two = [[m["loss"], m["loss_align"], m["loss_cross"]] for m in metrics(tmp_path, "two") if "loss" in m]
+    assert len(one) == len(two) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    a, b = params(tmp_path, "one"), params(tmp_path, "two")
+    for k in a["online"]:
+        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{k}: {m}")
+
+
+def test_seed_list_runs_each_seed_and_summarises(tmp_path):
+    run(tmp_path, "seeds=[3,4]", "eval.linear=none", name="s")
+    s3, s4, agg = summary(tmp_path, "s/seed3"), summary(tmp_path, "s/seed4"), summary(tmp_path, "s")
+    assert (s3["seed"], s4["seed"]) == (3, 4) and agg["seeds"] == [3, 4]
+    vals = [s3["knn200"], s4["knn200"]]
+    assert abs(agg["knn200"]["mean"] - sum(vals) / 2) < 1e-9
+    assert abs(agg["knn200"]["std"] - abs(vals[0] - vals[1]) / 2 ** 0.5) < 1e-9  # sample std of two values
+    assert "align_qf_last10" in agg and "uniform_f_last10" in agg
+
+
+def _one_clear_line(p):
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
+    return err[0]
+
+
+def test_bad_inputs_stop_with_one_clear_line(tmp_path):
+    line = _one_clear_line(run(tmp_path, "loss.beta=-1", check=False))  # Tab. 3's notation given to Eq. 11's β
+    assert "loss.beta" in line and "objective=raft beta=1" in line
+    line = _one_clear_line(run(tmp_path, "model.predictor=linar", check=False))
+    assert "model.predictor" in line and "linear_identity_init" in line
+    for bad, words in (("loss.objective=byol_primes", ("loss.objective", "byol_prime")),
+                       ("loss.tangental=true", ("loss.tangental", "Did you mean 'loss.tangential'")),
+                       ("optim.schedule=step", ("optim.schedule", "constant"))):
+        with pytest.raises(UserError) as e:
+            _parse(["--config", str(QUICK), "--set", bad], raft.DEFAULTS, raft.CHOICES, method=raft.METHOD)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run(tmp_path, "eval.linear=none", name="n")  # one good epoch, checkpoint written
+    ck = tmp_path / "raft" / "n" / "checkpoints" / "last.pt"
+    good = ck.read_bytes()
+    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
+                               name="n", check=False))
+    assert "diverged" in line and "last good checkpoint" in line
+    assert ck.read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------- paper configs
+TAB = {  # file: (objective, predictor, tangential, β of Eq. 9-11, β as Tab. 3 writes it)
+    "byol-mlpp": ("byol", "mlp", False, 1.0, 0.0), "byolprime-mlpp": ("byol_prime", "mlp", False, 1.0, 1.0),
+    "raft-mlpp": ("raft", "mlp", False, 1.0, -1.0), "byol-lp": ("byol", "linear", False, 1.0, 0.0),
+    "byolprime-lp": ("byol_prime", "linear", False, 1.0, 1.0), "raft-lp": ("raft", "linear", False, 1.0, -1.0),
+    "byol-np": ("byol", "none", False, 1.0, 0.0), "byolprime-np": ("byol_prime", "none", False, 1.0, 1.0),
+    "raft-np": ("raft", "none", False, 1.0, -1.0), "tanbyol-lp": ("byol", "linear", True, 1.0, 0.0),
+    "tanbyolprime-lp": ("byol_prime", "linear", True, 1.0, 1.0), "tanraft-lp": ("raft", "linear", True, 1.0, -1.0),
+    "byol-lpi": ("byol", "linear_identity_init", False, 1.0, 0.0),
+    "raft-mlpp_beta0.1": ("raft", "mlp", False, 0.1, -0.1), "raft-mlpp_beta10": ("raft", "mlp", False, 10.0, -10.0),
+    "raft-lp_beta0.1": ("raft", "linear", False, 0.1, -0.1), "raft-lp_beta10": ("raft", "linear", False, 10.0, -10.0),
+    "raft-np_beta10": ("raft", "none", False, 10.0, -10.0), "raft-np_beta100": ("raft", "none", False, 100.0, -100.0),
+    "byolprime-np_beta10": ("byol_prime", "none", False, 10.0, 10.0),
+    "byolprime-np_beta100": ("byol_prime", "none", False, 100.0, 100.0),
+    "rand-baseline": ("raft", "linear", False, 1.0, -1.0),
+}
+
+
+def test_every_table_row_has_a_config_with_the_app_b_setup():
+    files = {p.stem for p in (ROOT / "configs" / "raft").glob("*.yaml")} - {"_app_b"}
+    assert files == set(TAB)
+    for stem, (obj, pred, tan, beta, beta_tab3) in TAB.items():
+        cfg = parse(["--config", str(ROOT / "configs" / "raft" / f"{stem}.yaml")], raft.DEFAULTS, raft.CHOICES,
+                    method=raft.METHOD)
+        assert (cfg.loss.objective, cfg.model.predictor, cfg.loss.tangential, cfg.loss.beta) == (obj, pred, tan, beta)
+        assert cfg.loss.alpha == 1.0 and raft.SIGN.get(obj, 0.0) * cfg.loss.beta == beta_tab3, stem
+        assert cfg.name == stem and cfg.seeds == [0, 1, 2]
+        assert (cfg.data.name, cfg.data.image_size, cfg.model.arch) == ("cifar10", 96, "resnet18")
+        assert (cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden, cfg.model.pred_norm) == \
+            (512, 128, 512, "none")
+        o = cfg.optim
+        assert (o.name, o.lr, o.lr_scaling, o.batch_size, o.schedule) == \
+            ("adam", 0.0 if stem == "rand-baseline" else 3e-4, "none", 128, "constant")
+        assert o.epochs == (10 if stem == "rand-baseline" else 300)
+        assert (cfg.ema.tau, cfg.ema.schedule) == (0.996, "constant")
+        assert (cfg.eval.linear_epochs, cfg.eval.linear_lr) == (100, 5e-4)
+
+
+# ---------------------------------------------------------------------------------------- learning check
+FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised 128-d encoder features; a collapsed encoder gives ~0
+
+
+@pytest.mark.slow
+def test_quickstart_raft_mlp_learns_without_collapse(tmp_path):
+    """RAFT-MLPP, quickstart config with fewer epochs: weighted kNN (k=200, T=0.1) >= random-init kNN + 15."""
+    run(tmp_path, "optim.epochs=8", "eval.every=0", "eval.linear=none", "log.every=100", name="learn", tiny=False)
+    s = summary(tmp_path, "learn")
+    assert s["objective"] == "raft" and s["predictor"] == "mlp"
+    assert s["knn200"] >= s["knn_init"] + 15, s
+    assert s["feature_std"] > FEATURE_STD_FLOOR, s
