@@ -1,0 +1,187 @@
+"""msbreg.py end to end as a user runs it (subprocesses): smoke run with every logged term, DDP equivalence
+(global-batch covariance, process-count-independent Brownian noise), exact resume (the noise stream is in the
+checkpoint), clear errors; every shipped config and sweep line resolves; (slow) the quickstart's learning check."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import msbreg as ms
+from common.config import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "configs" / "quickstart" / "msbreg.yaml"
+TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
+        "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
+        "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
+FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
+               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
+
+
+def run(tmp_path, *overrides, name="r", check=True, tiny=True):
+    cmd = [sys.executable, str(ROOT / "msbreg.py"), "--config", str(QUICK), "--set",
+           f"out_dir={tmp_path}", f"name={name}", "log.progress=false", *(TINY if tiny else []), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def metrics(tmp_path, name):
+    return [json.loads(x) for x in (tmp_path / "msbreg" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(tmp_path, name):
+    return torch.load(tmp_path / "msbreg" / name / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_smoke_run_writes_every_output_and_logs_each_term(tmp_path):
+    run(tmp_path, "loss.K=4")
+    d = tmp_path / "msbreg" / "r"
+    for f in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json"):
+        assert (d / f).is_file(), f
+    s = json.loads((d / "summary.json").read_text())
+    for k in ("knn200", "knn20", "knn5", "knn5_majority", "knn_init", "linear_top1", "alignment", "uniformity",
+              "feature_std", "wall_time_s", "images_per_s"):
+        assert k in s, k
+    assert s["K"] == 4 and s["knn_k"] == 200 and s["knn_t"] == 0.1
+    steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
+    assert len(steps) == 4  # 128 / 32 = 4 steps
+    for m in steps:  # Eq. 2 from its logged terms; L_c in [0, 4], L_b in [-1, 1], L_s >= 0
+        assert abs(m["loss"] - (m["loss_c"] + 0.004 * m["loss_s"] + 0.5 * m["loss_b"])) < 1e-4
+        assert 0 <= m["loss_c"] <= 4 and -1 <= m["loss_b"] <= 1 and m["loss_s"] >= 0
+    # App. 7.1: peak lr = base x batch/256 x K (no warm-up here: the first step runs at the peak)
+    assert abs(steps[0]["lr"] - 0.25 * 32 / 256 * 4) < 1e-6
+    ck = params(tmp_path, "r")
+    assert "noise" in ck and "generator" in ck["noise"]  # the Brownian stream is saved
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    """Same global batch (fixed views), 1 vs 2 processes: Gloo SyncBN, L_s over the global batch, and the same
+    Brownian noise per image (drawn for the global batch, rank r keeps rows r, r+2, ...). λ_s raised so the
+    covariance term matters. A moderate lr: see tests/test_byol_uniform_run.py on round-off growth."""
+    common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.025", "loss.K=2", "loss.lambda_s=0.05"]
+    run(tmp_path, *common, name="one")
+    run(tmp_path, *common, "dist.nproc=2", name="two")
+    one = [m for m in metrics(tmp_path, "one") if "loss" in m]
+    two = [m for m in metrics(tmp_path, "two") if "loss" in m]
+    assert len(one) == len(two) == 3
+    for key in ("loss", "loss_c", "loss_s", "loss_b"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in two]), torch.tensor([m[key] for m in one]),
+                                   rtol=1e-4, atol=1e-5, msg=lambda msg: f"{key}: {msg}")
+    a, b = params(tmp_path, "one"), params(tmp_path, "two")
+    for k in a["online"]:
+        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{k}: {m}")
+    assert torch.equal(a["noise"]["generator"], b["noise"]["generator"])
+
+
+def test_exact_resume_equals_uninterrupted_run(tmp_path):
+    more = ["optim.epochs=2", "eval.linear=none", "loss.K=2"]
+    run(tmp_path, *more, name="full")
+    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
+    run(tmp_path, *more, "resume=auto", name="cut")
+    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
+    assert a["counters"]["step"] == b["counters"]["step"] == 8
+    for part in ("online", "target"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert torch.equal(a["noise"]["generator"], b["noise"]["generator"])
+    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
+
+
+def _one_clear_line(p):
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
+    return err[0]
+
+
+def test_bad_inputs_stop_with_one_clear_line(tmp_path):
+    line = _one_clear_line(run(tmp_path, "loss.K=1", check=False))
+    assert "loss.K=1" in line
+    line = _one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
+    assert "loss.centroid=false" in line
+    line = _one_clear_line(run(tmp_path, "model.head_norm=batch", check=False))
+    assert "model.head_norm" in line and "ln" in line
+    line = _one_clear_line(run(tmp_path, "loss.lambda_x=1", check=False))
+    assert "loss.lambda_x" in line and "Valid keys under 'loss'" in line
+    run(tmp_path, "checkpoint.stop_after_step=1", "loss.K=2", name="k")
+    line = _one_clear_line(run(tmp_path, "resume=auto", "loss.K=4", name="k", check=False))
+    assert "loss.K=2" in line and "config.yaml" in line
+
+
+def _sweep_lines(path):
+    out = []
+    for raw in path.read_text().splitlines():
+        body, _, comment = raw.partition("#")
+        if body.strip():
+            cfg, name, *sets = body.split()
+            out.append((cfg, name, sets, comment))
+    return out
+
+
+def _parse(config, sets=()):
+    return parse(["--config", str(ROOT / config), "--set", *sets] if sets else ["--config", str(ROOT / config)],
+                 ms.DEFAULTS, ms.CHOICES, method=ms.METHOD)
+
+
+def test_paper_configs_resolve_to_the_paper_settings():
+    for f in sorted((ROOT / "configs" / "msbreg").glob("*.yaml")):
+        _parse(f.relative_to(ROOT))
+    c = _parse("configs/msbreg/imagenet100_resnet18_320ep_k4.yaml")
+    assert (c.data.name, c.model.arch, c.optim.epochs, c.optim.batch_size, c.optim.lr) == \
+        ("imagenet100", "resnet18", 320, 512, 0.4)
+    assert (c.model.proj_hidden, c.model.proj_dim, c.model.pred_hidden) == (512, 128, 512)  # App. 7.2
+    assert (c.optim.name, c.optim.weight_decay, c.optim.warmup_epochs) == ("lars", 1e-5, 10)  # App. 7.1
+    assert c.augment.blur_p == [1.0] and c.augment.solarize_p == [0.2]  # Tab. 9, every view
+    assert (c.loss.K, c.loss.lambda_s, c.loss.lambda_b) == (4, 0.004, 0.5)
+    assert _parse("configs/msbreg/imagenet100_resnet18_320ep_k8.yaml").loss.K == 8
+    s = _parse("configs/msbreg/stl10_resnet18_320ep_k8.yaml")
+    assert (s.data.name, s.optim.lr, s.loss.K) == ("stl10", 0.5, 8)
+    i = _parse("configs/msbreg/imagenet_resnet50_300ep_k4.yaml")
+    assert (i.data.name, i.model.arch, i.optim.epochs, i.optim.lr) == ("imagenet", "resnet50", 300, 0.15)
+    assert 5 in c.eval.knn_majority_k and {20, 200} <= set(i.eval.knn_k)  # Tab. 1 5-NN, Tab. 4 20/200-NN
+
+
+def test_tab11_sweep_is_the_full_grid_over_one_base_config():
+    lines = _sweep_lines(ROOT / "configs" / "msbreg" / "tab11.sweep")
+    cells = set()
+    for cfg, name, sets, comment in lines:
+        assert cfg == "configs/msbreg/tab11_base.yaml" and "paper:" in comment
+        c = _parse(cfg, [f"name={name}", *sets])
+        assert c.optim.epochs == 300 and c.data.name == "imagenet100" and c.loss.centroid
+        cells.add((c.loss.K, c.loss.lambda_s, c.loss.lambda_b))
+    assert len(lines) == len(set(n for _, n, _, _ in lines)) == 60  # unique run names
+    assert cells == {(K, s, b) for K in (2, 4, 8) for s in (0, 0.002, 0.004, 0.01) for b in (0, 0.25, 0.5, 1.0, 2.0)}
+
+
+def test_tab8_and_tab13_sweeps_resolve():
+    rows8 = [_parse(cfg, [f"name={n}", *sets]) for cfg, n, sets, _ in
+             _sweep_lines(ROOT / "configs" / "msbreg" / "tab8.sweep")]
+    assert len(rows8) == 12
+    assert {(c.loss.centroid, c.loss.K, c.loss.lambda_s > 0, c.loss.lambda_b > 0) for c in rows8} == \
+        {(cen, K, s, b) for cen, K in ((False, 2), (True, 4), (True, 8)) for s in (0, 1) for b in (0, 1)}
+    rows13 = [_parse(cfg, [f"name={n}", *sets]) for cfg, n, sets, _ in
+              _sweep_lines(ROOT / "configs" / "msbreg" / "tab13.sweep")]
+    assert len(rows13) == 8 and sum(c.model.head_norm == "ln" for c in rows13) == 6
+    assert all(c.data.name == "stl10" and c.optim.batch_size in (256, 1024) for c in rows13)
+
+
+# ---------------------------------------------------------------------------------------- learning check
+FEATURE_STD_FLOOR = 0.02  # per-dim std of l2-normalised 128-d encoder features: ~0.088 healthy, ~0 collapsed
+
+
+@pytest.mark.slow
+def test_quickstart_learns_without_collapse(tmp_path):
+    """The quickstart config, fewer epochs: weighted kNN (k=200, T=0.1) >= random-init kNN + 15 points."""
+    run(tmp_path, "optim.epochs=EPOCHS", "eval.every=0", "eval.linear=none", "eval.knn_majority_k=[]",
+        "log.every=100", name="learn", tiny=False)
+    s = json.loads((tmp_path / "msbreg" / "learn" / "summary.json").read_text())
+    assert s["knn200"] >= s["knn_init"] + 15, s
+    assert s["feature_std"] > FEATURE_STD_FLOOR, s
