@@ -424,3 +424,55 @@ def eval_loaders(cfg):
         out["train_aug"] = _eval_loader(train, None, e.linear_batch_size, d.workers, shuffle=True)
         out["augment"] = lambda batch: maker(batch)[0]
     return out
+
+
+# ==============================================================================================
+# toy2d: point data for center_penalty.py (CenterVector §3.2 and App. B.1). Points, not images:
+# ``load``/``train_loader`` do not serve them; center_penalty.py calls these generators itself.
+# ==============================================================================================
+TOY2D = ("blobs", "moons", "app_b1")
+# blob centres: radius 5, 120 degrees apart, the same for every seed (the seed draws the points)
+BLOB_CENTRES = tuple((5 * math.cos(a), 5 * math.sin(a)) for a in (math.pi / 2 + 2 * math.pi * k / 3 for k in range(3)))
+
+
+def make_blobs(n_per_class, seed, std=1.0):
+    """Three Gaussian blobs in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
+
+    Centres ``BLOB_CENTRES``; ``std`` is the spread of each coordinate; deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    x = torch.tensor(BLOB_CENTRES)[labels] + std * torch.randn(len(labels), 2, generator=g)
+    return x, labels
+
+
+def make_moons(n_per_class, seed, noise=0.1):
+    """Three interleaved half circles in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
+
+    Classes 0 and 1 are scikit-learn's two moons (upper arc about (0, 0), lower arc about (1, 0.5));
+    class 2 is an upper arc about (2, 1), next to the right ends of both (closest clean points: 0.5
+    between classes 0 and 1, 0.42 between 0 and 2, 1.1 between 1 and 2). Gaussian ``noise`` per
+    coordinate; deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    t = math.pi * torch.rand(len(labels), generator=g)
+    c, s = torch.cos(t), torch.sin(t)
+    x = torch.where((labels == 1)[:, None], torch.stack([1 - c, 0.5 - s], 1),
+                    torch.stack([c, s], 1) + 2.0 * (labels == 2)[:, None].float() * torch.tensor([1.0, 0.5]))
+    return x + noise * torch.randn(len(labels), 2, generator=g), labels
+
+
+def make_app_b1(n_points=100, n_augs=10, seed=0, aug_std=0.1, shift=0.0):
+    """The toy of CenterVector App. B.1: ``n_points`` points x ~ N(0, I_3) and ``n_augs`` augmentations
+    of each, x_w = x + k + eps with eps ~ N(0, aug_std^2 I) and k = shift * (1, 1, 1)/sqrt(3)
+    (shift 0: "centred", E_w[x_w] = x; shift > 0: "shifted", E_w[x_w] = x + k).
+
+    Returns ``(x [n, 3], views [n, A, 3], test_views [n, A, 3])``: the training augmentations and fresh
+    augmentations of the same points (for the kNN monitor). Deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_points, 3, generator=g)
+    k = shift * torch.ones(3) / math.sqrt(3)
+    views = [x[:, None] + k + aug_std * torch.randn(n_points, n_augs, 3, generator=g) for _ in range(2)]
+    return x, views[0], views[1]
