@@ -43,8 +43,8 @@ we follow the paper and expose each difference:
   5. c_inv = c_cov = 8 with MSE means: the invariance term is averaged over the n x d entries (Eq. 19's
      term / d); the correlation term (mean over d² entries) x d equals Eq. 19's c_cov/d scaling
                                                  -> loss.inv_norm: mse, loss.c_inv/c_cov: 8;
-  6. projector Linear layers have no bias (after BN, or the standardisation, a bias has no effect;
-     only the last layer's matters when standardisation is off): not exposed;
+  6. (agreement) the paper does not say whether the projector's Linear layers have biases; the
+     authors' code, like Barlow Twins [16] which §5.1 follows, has none: so do we (model.proj_bias);
   7. a linear classifier trained online on detached features for monitoring: not implemented
      (we log kNN every eval and run the linear evaluation offline at the end).
 configs/decorr_nostopgrad/authors_code_imagenet_resnet50.yaml sets 1-5.
@@ -77,6 +77,7 @@ METHOD = "decorr_nostopgrad"
 DEFAULTS = {
     "model": {"zero_init_residual": True,  # §5.1, following Barlow Twins / VICReg
               "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3,  # 2048-2048-2048 (Tab. 1)
+              "proj_bias": False,          # paper silent; Barlow Twins [16] and the authors' code: no bias
               "predictor_bias": False},    # W_p F (Eq. 19); the authors' code has a bias
     "loss": {"partitions": 8,              # k of Eq. 19 (global; per device under DDP, §4.4)
              "c_inv": 25.0, "c_cov": 1.0,  # Tab. 1 best
@@ -150,6 +151,9 @@ class Decorr(nn.Module):
         super().__init__()
         self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
         self.g = mlp(dim, m.proj_hidden, m.proj_dim, m.proj_layers, norm="none" if m.norm == "none" else "bn")
+        for layer in self.g if not m.proj_bias else ():  # Linear layers without bias, as [1, 16] and the authors
+            if isinstance(layer, nn.Linear):
+                layer.bias = None
         self.W_p = None if identity_predictor else nn.Linear(m.proj_dim, m.proj_dim, bias=m.predictor_bias)
         self.d = m.proj_dim
 

@@ -166,9 +166,10 @@ def test_identity_predictor_correlation_term_is_correlation_matrix_distance():
 
 
 # ----------------------------------------------------------------------------- gradient flow
-def small_model(identity=False, bias=False):
+def small_model(identity=False, bias=False, proj_bias=False):
     m = Cfg.wrap(copy.deepcopy({**BASE["model"], **dn.DEFAULTS["model"]}))
-    m.update(width=8, proj_hidden=16, proj_dim=8, proj_layers=3, predictor_bias=bias, zero_init_residual=False)
+    m.update(width=8, proj_hidden=16, proj_dim=8, proj_layers=3, predictor_bias=bias, zero_init_residual=False,
+             proj_bias=proj_bias)
     return dn.Decorr(m, identity)
 
 
@@ -193,9 +194,12 @@ def test_no_stopgrad_both_views_and_every_parameter_get_gradient():
     model = small_model(bias=True)
     x1, x2, _, _ = forward(model, stopgrad=False, both=False)  # even one direction reaches both views
     assert x1.grad.abs().sum() > 0 and x2.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if n != "g.6.bias"), [n for n, p in model.named_parameters() if p.grad is None]
-    # the last projector bias is removed by the standardisation (Eq. 18): zero gradient up to round-off
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), \
+        [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert model.W_p.bias is not None and model.g[6].bias is None  # projector Linears have no bias by default
+    # with model.proj_bias, the last projector bias is removed by the standardisation (Eq. 18): ~0 gradient
+    model = small_model(proj_bias=True)
+    forward(model, stopgrad=False)
     assert model.g[6].bias.grad.abs().max() < 1e-3 * model.g[6].weight.grad.abs().max()
 
 
