@@ -1,0 +1,400 @@
+"""Centre-vector penalty (simplified SSL objective) and the SimSiam collapse studies, one file.
+
+Paper: Jha, Blaschko, Asano, Tuytelaars, "The common Stability Mechanism behind most
+Self-Supervised Learning Approaches" (CenterVector), §2.1, §2.3, §3.1-3.2, App. B.1, B.3, B.4.
+
+    z̄ = f(x) / ||f(x)||                                   (§2.1)   here f = projector ∘ encoder
+    s = E_x E_ω [ z̄(ω(x)) ]                               (Eq. 1)  mean over the global batch, all views
+    L(f) = E ||z̄_a - z̄_b||²                               (Eq. 2)  the invariance loss, no stop-gradient
+    L_simple = 0.5 (L(f) - λ_L ||s||),  λ_L = -1           (Eq. 32) i.e. 0.5 (invariance + ||s||)
+    L_SimSiam = ½ E[-<p̄_a, sg(z̄_b)> - <p̄_b, sg(z̄_a)>]    (Eq. 15), p = h(z) the predictor
+
+``loss.variant`` picks the objective (Fig. 3, Fig. 4, App. B.3):
+
+    center_penalty        Eq. 32: no predictor, no stop-gradient, no EMA
+    invariance_only       Eq. 2 alone (0.5 L(f)): the objective that collapses (§2.1, App. B.1)
+    simsiam               Eq. 15 with predictor h and stop-gradient (Chen & He)
+    simsiam_no_predictor  Eq. 15 with p = z (collapses: §3.2, App. B.3)
+    simsiam_no_stopgrad   Eq. 15 without sg (collapses: §3.2)
+
+With K > 2 views of an image (the App. B.1 toy: 10 augmentations) the invariance loss averages
+over all view pairs a<b and SimSiam over all ordered pairs a≠b; with K = 2 both are the equations.
+The predictor's lr is the base lr times ``simsiam.pred_lr_mult`` (App. B.4's "x% of the predictor
+lr") and, as in SimSiam, not decayed when ``simsiam.fix_pred_lr``. Every variant logs ||s|| of the
+training batch every step (``s_norm``) and, every epoch, kNN, the centre-vector norm of the encoder
+features (``center_norm``) and of the normalised z (``s_norm_test``) on the test set.
+
+Data: any image dataset (``data.name``), or ``data.name: toy2d`` with ``toy.dataset`` in
+blobs | moons (§3.2: 2-D, 3 classes, the samples of one class are the augmentations of one
+"image", so a pair of views = two samples of one class) | app_b1 (App. B.1: 100 3-D points,
+10 augmentations each, centred or shifted). Toy runs use a small MLP encoder (no projector), run on
+one process in seconds, once per seed of ``toy.seeds``, and report the mean and std over seeds.
+
+Run:
+    python center_penalty.py --config configs/quickstart/center_penalty.yaml           # CPU, minutes
+    python center_penalty.py --config configs/center_penalty/toy_blobs.yaml --set loss.variant=simsiam
+    python center_penalty.py --config configs/center_penalty/toy_app_b1_minibatch_centred.yaml
+    torchrun --nproc_per_node=4 center_penalty.py --config configs/center_penalty/imagenet100_simsiam.yaml
+
+Deviations and choices the paper leaves open are listed in the README section.
+"""
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, data, dist, log
+from common.augment import ViewMaker
+from common.config import UserError, parse
+from common.evaluate import (center_vector_norm, extract_features, feature_std, final_linear_eval,
+                             knn_accuracies, monitor)
+from common.models import mlp, resnet
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+
+METHOD = "center_penalty"
+VARIANTS = ("center_penalty", "invariance_only", "simsiam", "simsiam_no_predictor", "simsiam_no_stopgrad")
+DEFAULTS = {
+    "loss": {"variant": "center_penalty",
+             "lambda_l": -1.0},             # λ_L of Eq. 32 (§3.1: -1)
+    "simsiam": {"pred_lr_mult": 1.0,        # predictor lr = base lr x this (App. B.4: 0.01 ... 1)
+                "fix_pred_lr": True},       # SimSiam: the predictor's lr is not decayed
+    "model": {"proj_layers": 3, "proj_last_bn": True,  # SimSiam's projector: 3 layers, BN on the output
+              "proj_hidden": 2048, "proj_dim": 2048, "pred_hidden": 512},
+    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4, "warmup_epochs": 0,  # SimSiam's recipe
+              "exclude_bias_norm": False},
+    "log": {"every": 1},                    # ||s|| every step (cheap)
+    "toy": {"dataset": "blobs",             # blobs | moons (§3.2) | app_b1 (App. B.1)
+            "seeds": [0, 1, 2, 3, 4],       # one run per seed; the summary averages them (Fig. 3-4: 5 seeds)
+            "n_per_class": 500,             # blobs/moons: training points per class (as many test points)
+            "blob_std": 1.0, "moon_noise": 0.1,
+            "b1_points": 100, "b1_augs": 10, "b1_aug_std": 0.1,
+            "b1_shift": 0.0,                # 0: augmentations centred on x; > 0: shifted by k
+            "hidden": 64, "out_dim": 16, "layers": 3, "norm": "bn", "pred_hidden": 64},
+}
+CHOICES = {"loss.variant": VARIANTS, "toy.dataset": data.TOY2D, "toy.norm": ("bn", "gn", "ln", "none")}
+
+
+# --------------------------------------------------------------------------- the paper's pieces
+def center_vector(z):
+    """(CenterVector, Eq. 1) s = E_x E_ω z̄: mean of the l2-normalised z [B, K, D] over all views of the
+    global batch (every process), differentiable; every rank gets the same s."""
+    zn = F.normalize(z.float(), dim=-1).flatten(0, 1)
+    return dist.all_reduce_grad(zn.sum(0)) / (zn.shape[0] * dist.world_size())
+
+
+def invariance_loss(z):
+    """(CenterVector, Eq. 2) L(f) = E ||z̄_a - z̄_b||² over the view pairs a<b of each image; z [B, K, D]."""
+    zn = F.normalize(z.float(), dim=-1)
+    a, b = torch.triu_indices(zn.shape[1], zn.shape[1], offset=1)  # the pairs a<b
+    return (zn[:, a] - zn[:, b]).pow(2).sum(-1).mean()
+
+
+def simple_loss(l_inv, s, lambda_l=-1.0):
+    """(CenterVector, Eq. 32) L_simple = 0.5 (L(f) - λ_L ||s||); λ_L = -1 penalises ||s||."""
+    return 0.5 * (l_inv - lambda_l * torch.linalg.vector_norm(s))
+
+
+def simsiam_loss(p, z, stop_grad=True):
+    """(CenterVector, Eq. 15) ½ E[-<p̄_a, sg(z̄_b)> - <p̄_b, sg(z̄_a)>]: the mean over the ordered view pairs
+    a≠b of -cos(p_a, z_b); p, z [B, K, D]. ``stop_grad=False`` lets the gradient into z (no-stop-grad ablation)."""
+    zt = z.detach() if stop_grad else z
+    cos = F.normalize(p.float(), dim=-1) @ F.normalize(zt.float(), dim=-1).transpose(1, 2)  # [B, K, K]: <p̄_a, z̄_b>
+    off = ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)  # the ordered pairs a≠b
+    return -cos[:, off].mean()
+
+
+def objective(variant, z, p, s, lambda_l):
+    """The loss of ``variant`` and its parts {l_inv, l_simsiam} (detached, for logging)."""
+    if variant in ("center_penalty", "invariance_only"):
+        l_inv = invariance_loss(z)
+        return simple_loss(l_inv, s, lambda_l if variant == "center_penalty" else 0.0), {"l_inv": l_inv}
+    l_ss = simsiam_loss(p, z, stop_grad=variant != "simsiam_no_stopgrad")  # p = z without a predictor
+    return l_ss, {"l_simsiam": l_ss}
+
+
+class Model(nn.Module):
+    """Encoder f, projector g (z = g(f(x))) and, for simsiam / simsiam_no_stopgrad, the predictor h (p = h(z)).
+
+    ``forward(views)`` takes a list of K view batches and returns z, p as [B, K, D] (p is z without h);
+    each view goes through the network on its own (batch-norm statistics per view, as SimSiam)."""
+
+    def __init__(self, f, g, h):
+        super().__init__()
+        self.f, self.g, self.h = f, g, h
+
+    def forward(self, views):
+        z = torch.stack([self.g(self.f(x)) for x in views], 1)
+        p = z if self.h is None else torch.stack([self.h(z[:, j]) for j in range(z.shape[1])], 1)
+        return z, p
+
+
+def build_model(cfg, in_dim=None):
+    """Image runs: ResNet f, SimSiam projector g. Toy runs (``in_dim`` given): MLP f, no projector."""
+    variant, m, t = cfg.loss.variant, cfg.model, cfg.toy
+    if in_dim is not None:  # toy: the MLP's output is z
+        f, g, norm = mlp(in_dim, t.hidden, t.out_dim, t.layers, t.norm), nn.Identity(), t.norm
+        dim, hidden = t.out_dim, t.pred_hidden
+    else:
+        f, feat = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        norm = "none" if m.norm == "none" else "bn"
+        g = mlp(feat, m.proj_hidden, m.proj_dim, m.proj_layers, norm, last_norm=m.proj_last_bn and norm == "bn")
+        dim, hidden = m.proj_dim, m.pred_hidden
+    h = mlp(dim, hidden, dim, 2, norm) if variant in ("simsiam", "simsiam_no_stopgrad") else None
+    return Model(f, g, h)
+
+
+def optimizer(cfg, model, peak_lr):
+    """Encoder + projector groups, and predictor groups with lr x ``simsiam.pred_lr_mult`` (App. B.4)."""
+    groups = param_groups([model.f, model.g], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm)
+    if model.h is not None:
+        for grp in param_groups([model.h], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm,
+                                lr_mult=cfg.simsiam.pred_lr_mult):
+            groups.append({**grp, "predictor": True})
+    return build(cfg.optim, groups, peak_lr)
+
+
+def set_lrs(opt, lr, peak_lr, fix_pred_lr):
+    """The scheduled lr for every group; SimSiam's predictor keeps its peak lr when ``fix_pred_lr``."""
+    set_lr(opt, lr)
+    for grp in opt.param_groups:
+        if grp.get("predictor") and fix_pred_lr:
+            grp["lr"] = peak_lr * grp["lr_mult"]
+
+
+# --------------------------------------------------------------------------- toy runs (§3.2, App. B.1)
+def toy_data(t, seed):
+    """(train views [N, K, d] or points, labels, test points, test labels, kind) for one seed."""
+    if t.dataset == "app_b1":  # each point is an "image" with b1_augs views; kNN: which point a view is of
+        _, views, test = data.make_app_b1(t.b1_points, t.b1_augs, seed, t.b1_aug_std, t.b1_shift)
+        labels = torch.arange(t.b1_points).repeat_interleave(t.b1_augs)
+        return views, labels, test.flatten(0, 1), labels
+    make = data.make_blobs if t.dataset == "blobs" else data.make_moons
+    spread = t.blob_std if t.dataset == "blobs" else t.moon_noise
+    x, y = make(t.n_per_class, seed, spread)
+    xt, yt = make(t.n_per_class, seed + 1_000_003, spread)  # held-out points of the same distribution
+    return x, y, xt, yt
+
+
+def toy_batches(t, x, y, batch_size, g):
+    """One epoch of view batches [B, K, d]. blobs/moons: every point once, paired with a random other
+    sample of its class (§3.2: a class's samples are one image's augmentations). app_b1: B points, all views."""
+    if t.dataset == "app_b1":
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            if len(idx) == batch_size:
+                yield x[idx]
+        return
+    order = y.argsort(stable=True)  # item i's class occupies order[start[c] : start[c] + count[c]]
+    count = torch.bincount(y)
+    start = count.cumsum(0) - count
+    for idx in torch.randperm(len(x), generator=g).split(batch_size):
+        if len(idx) < batch_size:
+            return
+        c = y[idx]
+        partner = order[start[c] + (torch.rand(len(idx), generator=g) * count[c]).long()]
+        yield torch.stack([x[idx], x[partner]], 1)
+
+
+def toy_run(cfg, seed, logger, dev):
+    """Train one toy model; logs per step (||s|| of the batch) and per epoch (kNN, ||s|| of the test set)."""
+    t, variant = cfg.toy, cfg.loss.variant
+    x, y, xt, yt = toy_data(t, seed)
+    bank_x = x.flatten(0, 1) if x.ndim == 3 else x  # app_b1: every training view, labelled by its point
+    torch.manual_seed(seed)
+    model = build_model(cfg, in_dim=x.shape[-1]).to(dev)
+    peak_lr = scaled_lr(cfg.optim)
+    opt = optimizer(cfg, model, peak_lr)
+    g = torch.Generator().manual_seed(seed)
+    steps_per_epoch = len(x) // cfg.optim.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(x)} toy items: lower it")
+    total = cfg.optim.epochs * steps_per_epoch
+
+    def evaluate(epoch):
+        f_bank, f_test = (extract_features(model.f, [(a, b)], dev) for a, b in ((bank_x, y), (xt, yt)))
+        out = knn_accuracies(*f_bank, *f_test, ks=tuple(cfg.eval.knn_k), t=cfg.eval.knn_t)
+        out.update(center_norm=center_vector_norm(f_test[0]).item(), feature_std=feature_std(f_test[0]))
+        logger.log({"seed": seed, "step": step, "epoch": epoch, **out})
+        return out
+
+    step = 0
+    first = last = evaluate(0)
+    for epoch in range(cfg.optim.epochs):
+        for vb in toy_batches(t, x, y, cfg.optim.batch_size, g):
+            vb = vb.to(dev)
+            if t.norm == "none":  # no batch statistics: all K views in one pass gives the same z, faster
+                z, p = (a.view(*vb.shape[:2], -1) for a in model([vb.flatten(0, 1)]))
+            else:
+                z, p = model([vb[:, j] for j in range(vb.shape[1])])
+            s = center_vector(z)
+            loss, parts = objective(variant, z, p, s, cfg.loss.lambda_l)
+            lr = lr_at(step, total, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step} (seed {seed}): training diverged; "
+                                "lower optim.lr")
+            if step % cfg.log.every == 0:
+                logger.log({"seed": seed, "step": step, "epoch": epoch, "loss": loss.item(),
+                            "s_norm": s.norm().item(), **{k: v.item() for k, v in parts.items()}})
+        if epoch + 1 == cfg.optim.epochs or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
+            last = evaluate(epoch + 1)
+    return first, last
+
+
+def train_toy(cfg):
+    if dist.world_size() > 1:
+        raise UserError("toy2d runs take seconds on one process: set dist.nproc=1 (no torchrun)")
+    run = log.run_dir(cfg, METHOD)
+    if (run / "metrics.jsonl").exists():
+        raise UserError(f"run folder {run.resolve()} already holds a toy run: set name=... for a new one")
+    logger = log.Logger(run)
+    logger.config(cfg)
+    dev = dist.device(cfg)
+    per_seed, t0 = {}, time.time()
+    for seed in cfg.toy.seeds:
+        first, last = toy_run(cfg, seed, logger, dev)
+        per_seed[seed] = {"init": first, "final": last}
+        logger.print(f"seed {seed}: " + " ".join(f"{k} {first[k]:.4g} -> {v:.4g}" for k, v in last.items()))
+    keys = list(per_seed[cfg.toy.seeds[0]]["final"])
+    stat = {}
+    for k in keys:
+        vals = [r["final"][k] for r in per_seed.values()]
+        stat[k] = statistics.fmean(vals)
+        stat[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        stat[k + "_init"] = statistics.fmean(r["init"][k] for r in per_seed.values())
+    logger.summary({"method": METHOD, "variant": cfg.loss.variant, "toy": cfg.toy.dataset,
+                    "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "seeds": list(cfg.toy.seeds),
+                    **stat, "per_seed": per_seed, "toy_wall_s": round(time.time() - t0, 2)})
+
+
+# --------------------------------------------------------------------------- training (images)
+def train(cfg):
+    if cfg.data.name == "toy2d":
+        return train_toy(cfg)
+    dev = dist.device(cfg)
+    run = log.run_dir(cfg, METHOD)
+    ckpt_file = checkpoint.resume_path(run, cfg.resume)
+    state = checkpoint.load(ckpt_file) if ckpt_file else None
+    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
+    logger.config(cfg)
+    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
+    ssl_set = data.load(cfg.data, "ssl")
+    mean, std = data.stats(cfg.data.name)
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
+    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = data.eval_loaders(cfg)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
+                        f"{len(ssl_set)} training images: lower optim.batch_size")
+
+    # model: f, g (and h for SimSiam); no EMA target; SyncBN across processes
+    online = build_model(cfg)
+    if dist.world_size() > 1 and cfg.model.sync_bn:
+        online = dist.convert_sync_bn(online, dev.type == "cuda")
+    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    peak_lr = scaled_lr(cfg.optim)
+    opt = optimizer(cfg, online, peak_lr)
+    model = dist.ddp(online, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
+    if state:  # exact resume: weights, optimizer, counters, RNG streams
+        c = checkpoint.restore(state, cfg, online=online, optimizer=opt, views=views)
+        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
+    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
+        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
+    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
+
+    def save(path):
+        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, optimizer=opt, views=views), path)
+
+    variant, images_seen, t_train, metrics = cfg.loss.variant, 0, 0.0, {}
+    while epoch < cfg.optim.epochs:
+        sampler.set_epoch(epoch)
+        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
+        t0 = time.time()
+        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
+            if batch_in_epoch == steps_per_epoch * accum:
+                break  # drop a last incomplete accumulation group
+            # ---- one forward: two views through f, g (and h); s over the global batch
+            x1, x2 = views(batch)
+            last_micro = (batch_in_epoch + 1) % accum == 0
+            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
+                z, p = model([x1, x2])
+                s = center_vector(z)  # (CenterVector, Eq. 1), all views of all processes
+                loss, parts = objective(variant, z, p, s, cfg.loss.lambda_l)  # Eq. 32 or Eq. 15
+                (loss / accum).backward()
+            batch_in_epoch += 1
+            images_seen += x1.shape[0] * dist.world_size()
+            if not last_micro:
+                continue
+            # ---- optimizer step (every accum forwards); the predictor may keep a fixed lr (SimSiam)
+            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
+            set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # ---- logging (||s|| every step by default), NaN guard, step checkpoints
+            if step % cfg.log.every == 0 or step == total_steps:
+                names = ["loss", "s_norm", *parts]
+                vals = dist.all_reduce_mean(torch.stack([loss, s.norm(), *parts.values()]).float().detach()).tolist()
+                if any(v != v or abs(v) == float("inf") for v in vals):
+                    raise UserError(f"loss is {vals[0]} at step {step}: training diverged. The last good "
+                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+                logger.log({"step": step, "epoch": epoch, **dict(zip(names, vals)), "lr": lr})
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
+                save(run / "checkpoints" / "last.pt")
+            if step == cfg.checkpoint.stop_after_step:
+                if dist.is_main():
+                    save(run / "checkpoints" / "last.pt")
+                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
+                return None
+        t_train += time.time() - t0
+        epoch, batch_in_epoch = epoch + 1, 0
+
+        # ---- end of epoch: kNN monitor, ||s|| of encoder features and of z on the test set, checkpoint
+        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
+            z_test = extract_features(nn.Sequential(online.f, online.g), eval_loaders["test"], dev)[0]
+            metrics["s_norm_test"] = center_vector_norm(z_test).item()
+            logger.log({"step": step, "epoch": epoch, **metrics})
+            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
+                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
+                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
+            save(run / "checkpoints" / "last.pt")
+            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
+                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
+        dist.barrier()
+
+    # ---- final evaluation: kNN, linear probe (offline, frozen encoder), summary.json
+    if dist.is_main():
+        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+        logger.summary({"method": METHOD, "variant": variant, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                        "knn_init": c["knn_init"], **final, **linear, "s_norm": s.norm().item(),
+                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    dist.barrier()
+    return None
+
+
+if __name__ == "__main__":
+    dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))
