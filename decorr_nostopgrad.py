@@ -205,10 +205,9 @@ def train(cfg):
     logger.config(cfg)
     dist.seed_everything(cfg.seed)  # same initial weights on every rank
     L, world = cfg.loss, dist.world_size()
-    local = cfg.optim.batch_size // world
-    if cfg.optim.batch_size % L.partitions or (L.partitions % world == 0 and local % (L.partitions // world)):
+    if cfg.optim.batch_size % L.partitions:  # equal partitions (§4.4); then also k/W per process when W | k
         raise UserError(f"loss.partitions={L.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
-                        f"(and, when the {world} processes divide it, each process's {local} samples)")
+                        "(equal partitions, Decorr §4.4)")
 
     # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
     ssl_set = data.load(cfg.data, "ssl")
