@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import msbreg as ms
 from common.config import parse
@@ -56,7 +57,8 @@ def test_smoke_run_writes_every_output_and_logs_each_term(tmp_path):
         assert abs(m["loss"] - (m["loss_c"] + 0.004 * m["loss_s"] + 0.5 * m["loss_b"])) < 1e-4
         assert 0 <= m["loss_c"] <= 4 and -1 <= m["loss_b"] <= 1 and m["loss_s"] >= 0
     # App. 7.1: peak lr = base x batch/256 x K (no warm-up here: the first step runs at the peak)
-    assert abs(steps[0]["lr"] - 0.25 * 32 / 256 * 4) < 1e-6
+    base = yaml.safe_load((d / "config.yaml").read_text())["optim"]["lr"]
+    assert abs(steps[0]["lr"] - base * 32 / 256 * 4) < 1e-6
     ck = params(tmp_path, "r")
     assert "noise" in ck and "generator" in ck["noise"]  # the Brownian stream is saved
 
