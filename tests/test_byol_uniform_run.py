@@ -52,7 +52,9 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes with Gloo SyncBN and the global-batch uniformity.
 
     A moderate lr: at the quickstart's LARS lr a width-8 net amplifies float round-off
-    (5e-6 after step 1) to ~1e-3 by step 3, which says nothing about the distributed code."""
+    (5e-6 after step 1) to ~1e-3 by step 3, which says nothing about the distributed code.
+    Losses: relative 1e-4. Parameters: relative 1e-4 or absolute 1e-4 (weights are O(1); biases start at 0,
+    where the two processes' different summation order leaves ~5e-5 of round-off in near-cancelling sums)."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.1"]
     run(tmp_path, *common, name="one")
     run(tmp_path, *common, "dist.nproc=2", name="two")
@@ -62,7 +64,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
     a, b = params(tmp_path, "one"), params(tmp_path, "two")
     for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{k}: {m}")
 
 
