@@ -179,7 +179,7 @@ def predictor_diagnostics(W_p):
             "wp_eig_re_max": ev.real.max().item(), "wp_eig_re_median": ev.real.median().item(),
             "wp_eig_re_min": ev.real.min().item(), "wp_eig_im_max": ev.imag.abs().max().item(),
             "wp_eig_small_frac": (mag < 0.1 * mag.max()).double().mean().item(),
-            "wp_eig_cv": (big.std() / big.mean().abs()).item() if len(big) > 1 else 0.0}, ev
+            "wp_eig_cv": (big.std() / big.mean().abs().clamp_min(1e-30)).item() if len(big) > 1 else 0.0}, ev
 
 
 @torch.no_grad()

@@ -242,3 +242,5 @@ def test_predictor_diagnostics_symmetry_and_eigenvalues():
     A = torch.randn(d, d, dtype=torch.float64)
     m, _ = dn.predictor_diagnostics(A - A.T)  # antisymmetric: ||W - Wᵀ|| / ||W|| = 2
     assert abs(m["wp_asym"] - 2) < 1e-9
+    m, _ = dn.predictor_diagnostics(torch.zeros(d, d))  # a collapsed W_p = O: finite numbers, no crash
+    assert all(v == v for v in m.values()) and m["wp_asym"] == 0
