@@ -109,13 +109,19 @@ def test_bad_inputs_stop_with_one_clear_line(tmp_path):
     assert "loss.K=1" in line
     line = _one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
     assert "loss.centroid=false" in line
-    line = _one_clear_line(run(tmp_path, "model.head_norm=batch", check=False))
-    assert "model.head_norm" in line and "ln" in line
-    line = _one_clear_line(run(tmp_path, "loss.lambda_x=1", check=False))
-    assert "loss.lambda_x" in line and "Valid keys under 'loss'" in line
     run(tmp_path, "checkpoint.stop_after_step=1", "loss.K=2", name="k")
     line = _one_clear_line(run(tmp_path, "resume=auto", "loss.K=4", name="k", check=False))
     assert "loss.K=2" in line and "config.yaml" in line
+
+
+def test_bad_method_keys_are_one_line_config_errors(capsys):
+    for sets, expect in ((["model.head_norm=batch"], ("model.head_norm", "bn, ln, none")),
+                         (["loss.lambda_x=1"], ("loss.lambda_x", "Valid keys under 'loss'")),
+                         (["loss.K=four"], ("'loss.K' expects int",))):
+        with pytest.raises(SystemExit) as e:
+            parse(["--config", str(QUICK), "--set", *sets], ms.DEFAULTS, ms.CHOICES, method=ms.METHOD)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and all(x in err[0] for x in expect), err
 
 
 def _sweep_lines(path):
