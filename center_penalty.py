@@ -397,4 +397,8 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))
+    config = parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD)
+    if config.data.name == "toy2d" and config.dist.nproc > 1:  # refuse before spawning anything
+        print("error: toy2d runs take seconds on one process: set dist.nproc=1", file=sys.stderr)
+        sys.exit(2)
+    dist.launch(train, config)
