@@ -89,7 +89,7 @@ def center_vector(z):
 def invariance_loss(z):
     """(CenterVector, Eq. 2) L(f) = E ||z̄_a - z̄_b||² over the view pairs a<b of each image; z [B, K, D]."""
     zn = F.normalize(z.float(), dim=-1)
-    a, b = torch.triu_indices(zn.shape[1], zn.shape[1], offset=1)  # the pairs a<b
+    a, b = torch.triu_indices(zn.shape[1], zn.shape[1], offset=1, device=zn.device)  # the pairs a<b
     return (zn[:, a] - zn[:, b]).pow(2).sum(-1).mean()
 
 
@@ -108,7 +108,7 @@ def simsiam_loss(p, z, stop_grad=True):
 
 
 def objective(variant, z, p, s, lambda_l):
-    """The loss of ``variant`` and its parts {l_inv, l_simsiam} (detached, for logging)."""
+    """The loss of ``variant`` and its parts for logging ({"l_inv": ...} or {"l_simsiam": ...})."""
     if variant in ("center_penalty", "invariance_only"):
         l_inv = invariance_loss(z)
         return simple_loss(l_inv, s, lambda_l if variant == "center_penalty" else 0.0), {"l_inv": l_inv}
@@ -167,7 +167,7 @@ def set_lrs(opt, lr, peak_lr, fix_pred_lr):
 
 # --------------------------------------------------------------------------- toy runs (§3.2, App. B.1)
 def toy_data(t, seed):
-    """(train views [N, K, d] or points, labels, test points, test labels, kind) for one seed."""
+    """(training points [N, d] or views [N, K, d], their labels, test points, test labels) for one seed."""
     if t.dataset == "app_b1":  # each point is an "image" with b1_augs views; kNN: which point a view is of
         _, views, test = data.make_app_b1(t.b1_points, t.b1_augs, seed, t.b1_aug_std, t.b1_shift)
         labels = torch.arange(t.b1_points).repeat_interleave(t.b1_augs)
@@ -180,8 +180,8 @@ def toy_data(t, seed):
 
 
 def toy_batches(t, x, y, batch_size, g):
-    """One epoch of view batches [B, K, d]. blobs/moons: every point once, paired with a random other
-    sample of its class (§3.2: a class's samples are one image's augmentations). app_b1: B points, all views."""
+    """One epoch of view batches [B, K, d]. blobs/moons: every point once, paired with a random sample of
+    its class (§3.2: a class's samples are one image's augmentations). app_b1: B points, all their views."""
     if t.dataset == "app_b1":
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
             if len(idx) == batch_size:
@@ -249,8 +249,8 @@ def toy_run(cfg, seed, logger, dev):
 
 
 def train_toy(cfg):
-    if dist.world_size() > 1:
-        raise UserError("toy2d runs take seconds on one process: set dist.nproc=1 (no torchrun)")
+    if dist.world_size() > 1 or not cfg.toy.seeds:
+        raise UserError("toy2d runs take seconds on one process (dist.nproc=1, no torchrun) and need toy.seeds")
     run = log.run_dir(cfg, METHOD)
     if (run / "metrics.jsonl").exists():
         raise UserError(f"run folder {run.resolve()} already holds a toy run: set name=... for a new one")
