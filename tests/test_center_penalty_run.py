@@ -69,7 +69,8 @@ def test_toy_runs_average_seeds_and_log_s_every_step(tmp_path):
     s, m = summary(tmp_path, "moons"), metrics(tmp_path, "moons")
     assert s["toy"] == "moons" and s["seeds"] == [3, 4] and set(s["per_seed"]) == {"3", "4"}
     finals = [r["final"]["center_norm"] for r in s["per_seed"].values()]
-    assert abs(s["center_norm"] - sum(finals) / 2) < 1e-9 and abs(s["center_norm_std"] - statistics.stdev(finals)) < 1e-9
+    assert abs(s["center_norm"] - sum(finals) / 2) < 1e-9
+    assert abs(s["center_norm_std"] - statistics.stdev(finals)) < 1e-9
     for seed in (3, 4):  # 120 points / 20 = 6 steps per epoch; kNN at init and after each epoch
         assert [x["step"] for x in m if x["seed"] == seed and "s_norm" in x] == list(range(1, 13))
         assert [x["epoch"] for x in m if x["seed"] == seed and "knn200" in x] == [0, 1, 2]
