@@ -250,7 +250,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
 
 class ViewMaker:
-    """The K training views of a batch, on either path (``aug["path"]``)."""
+    """The K training views of a batch, on either path (``aug["path"]``).
+
+    The batched path reseeds its generator at every call from (``seed``, number of calls so far), so
+    its state is one integer that is the same on every rank (the rank is in ``seed``): rank 0's
+    checkpoint resumes every rank exactly under DDP.
+    """
 
     def __init__(self, aug: Mapping, n_views: int, size: int, mean, std, device, seed: int):
         self.path = aug["path"]
@@ -261,12 +266,14 @@ class ViewMaker:
         # device copies made once here, so that batched_view never copies from the host
         self._mean, self._std = (torch.tensor(v, device=self.device) for v in (mean, std))
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.seed, self.calls = seed, 0
 
     def __call__(self, batch):
         if self.path == "cpu":  # list of K float batches made by cpu_transforms()
             return [v.to(self.device, non_blocking=True) for v in batch]
         x = batch.to(self.device, non_blocking=True)
+        self.generator.manual_seed((self.seed * 1_000_003 + self.calls) % 2**63)  # host-side, no sync
+        self.calls += 1
         return [batched_view(x, self.size, s, self._mean, self._std, self.generator)
                 for s in self.specs]
 
@@ -274,10 +281,10 @@ class ViewMaker:
         return [cpu_view(self.size, s, self.mean, self.std) for s in self.specs]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"calls": self.calls}
 
     def load_state_dict(self, sd: dict):
-        self.generator.set_state(sd["generator"])
+        self.calls = int(sd["calls"])
 
 
 def eval_transform(name: str, size: int, mean, std) -> T.Compose:

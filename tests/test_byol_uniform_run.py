@@ -68,8 +68,10 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
                                    msg=lambda m: f"{k}: {m}")
 
 
-def test_exact_resume_equals_uninterrupted_run(tmp_path):
-    more = ["optim.epochs=2", "eval.linear=none"]
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_exact_resume_equals_uninterrupted_run(tmp_path, nproc):
+    """Bit-exact, also with 2 processes, where only rank 0 writes the checkpoint (augmentations included)."""
+    more = ["optim.epochs=2", "eval.linear=none", f"dist.nproc={nproc}"]
     run(tmp_path, *more, name="full")
     run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
     run(tmp_path, *more, "resume=auto", name="cut")
