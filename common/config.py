@@ -78,11 +78,13 @@ BASE = {
         "download": False,   # only true ever downloads
         "image_size": 32,    # size of the training views
         "val_split": False,  # hold out a validation split (BYOL-MHE App. B.1) and evaluate on it
-        "workers": 4,
+        "workers": 4,        # DataLoader worker processes (augment.path cpu/hybrid, ImageNet decoding)
+        "on_device": False,  # small in-memory datasets: keep the uint8 images on the training device, no workers
         "synthetic": {"train_size": 10000, "test_size": 2000, "size": 32, "classes": 10, "seed": 0},
     },
     "augment": {             # BYOL views (Grill et al.; BYOL-MHE App. B.2)
         "path": "batched",   # batched: per-sample random ops on the training device | cpu: torchvision v2 in workers
+                             # | hybrid: decode + crop + flip in workers, colour/blur/solarise on the device
         "crop_scale": [0.08, 1.0],
         "crop_ratio": [0.75, 4.0 / 3.0],
         "flip_p": 0.5,
@@ -149,7 +151,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16"),
     "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "toy2d"),
-    "augment.path": ("batched", "cpu"),
+    "augment.path": ("batched", "cpu", "hybrid"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.norm": ("bn", "gn", "ln", "none"),
     "optim.name": ("lars", "sgd", "adam", "adamw"),

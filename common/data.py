@@ -361,11 +361,35 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
             self.dataset.set_epoch(epoch)
 
 
+class DeviceBatches:
+    """``data.on_device: true``: a ``TensorImages`` held on the training device as uint8, batches cut there.
+
+    Each epoch takes this rank's indices from ``sampler`` (the same ``ResumableSampler`` as the DataLoader
+    path: same permutation, same DDP shard, same ``skip_batches``), copies them to the device once, and
+    yields ``(uint8 [B, 3, H, W], int64 [B])`` by indexing the device tensors: no workers, no per-batch
+    host-to-device copy, no host sync. Batches equal the DataLoader path's, element for element.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, device):
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size  # drop_last, as the DataLoader path
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.images.device, non_blocking=True)
+        for b in range(len(self)):
+            i = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.images[i], self.labels[i]
+
+
 def train_loader(dataset, cfg, views, device):
     """Loader of SSL training batches for this rank: ``(uint8 [B,3,H,W], labels)`` on the batched
-    augmentation path, ``([view_1, ..., view_K], labels)`` on the CPU path (``augment.path: cpu``).
+    augmentation path, ``([view_1, ..., view_K], labels)`` on the CPU and hybrid paths (``augment.path``).
 
-    The global ``optim.batch_size`` is split evenly over the ranks; returns ``(loader, sampler)``.
+    The global ``optim.batch_size`` is split evenly over the ranks; returns ``(loader, sampler)``. With
+    ``data.on_device: true`` (batched path, in-memory datasets) the loader is a ``DeviceBatches``.
     """
     from common import dist
     from common.augment import MultiViewDataset
@@ -374,15 +398,23 @@ def train_loader(dataset, cfg, views, device):
     if cfg.optim.batch_size % world:
         raise UserError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
     local = cfg.optim.batch_size // world
-    if cfg.augment.path == "cpu":
+    on_device, path = cfg.data.on_device, cfg.augment.path
+    if on_device and (path != "batched" or not isinstance(dataset, TensorImages)):
+        raise UserError(f"data.on_device=true needs an in-memory dataset (synthetic, cifar10, cifar100, stl10, "
+                        f"fashion_mnist) and augment.path=batched; got data.name={cfg.data.name}, "
+                        f"augment.path={path}: set data.on_device=false")
+    if path != "batched":  # per-image transforms in DataLoader workers
         dataset = MultiViewDataset(dataset, views.cpu_transforms(), cfg.seed)
     elif not isinstance(dataset, TensorImages):
         raise UserError(f"augment.path=batched needs a dataset held in memory at one image size; {cfg.data.name} "
-                        "is decoded from files: set augment.path=cpu")
+                        "is decoded from files: set augment.path=hybrid (crop in workers, the rest on the "
+                        "device) or augment.path=cpu")
     sampler = ResumableSampler(dataset, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,
                                drop_last=True)
+    if on_device:
+        return DeviceBatches(dataset, sampler, local, device), sampler
     common = dict(pin_memory=device.type == "cuda", generator=torch.Generator())
-    if cfg.augment.path == "cpu":
+    if path != "batched":
         loader = torch.utils.data.DataLoader(dataset, local, sampler=sampler, num_workers=cfg.data.workers,
                                              drop_last=True, **common)
     else:  # whole-batch indexing of the in-memory tensor; augmentation happens on the device
@@ -419,7 +451,7 @@ def eval_loaders(cfg):
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
         maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed)
         train = load(d, "train")
-        if cfg.augment.path == "cpu":
+        if cfg.augment.path != "batched":
             train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)
         out["train_aug"] = _eval_loader(train, None, e.linear_batch_size, d.workers, shuffle=True)
         out["augment"] = lambda batch: maker(batch)[0]

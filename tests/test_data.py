@@ -227,3 +227,52 @@ def test_presets_and_stats_cover_datasets():
         mean, std = data.stats(name)
         assert len(mean) == len(std) == 3 and all(0 < s < 1 for s in std)
     assert data.num_classes(cfg(name="cifar100")) == 100
+
+
+# ---------------------------------------------------------------------------------------- training loaders
+def _run_cfg(on_device, path="batched", batch=32):
+    from common.config import BASE, resolve
+    user = {"seed": 3, "data": {"on_device": on_device, "workers": 0,
+                                "synthetic": {"train_size": 300, "test_size": 10, "size": 16}},
+            "augment": {"path": path}, "optim": {"batch_size": batch}}
+    return resolve(BASE, [(user, "test")])
+
+
+def _epoch(on_device, rank, world, epoch, skip, monkeypatch):
+    from common import dist
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    monkeypatch.setattr(dist, "rank", lambda: rank)
+    c = _run_cfg(on_device)
+    loader, sampler = data.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
+    assert isinstance(loader, data.DeviceBatches) == on_device
+    sampler.set_epoch(epoch)
+    sampler.skip_batches = skip
+    out = list(loader)
+    assert len(out) == len(loader)
+    return out
+
+
+@pytest.mark.parametrize("world,epoch,skip", [(1, 0, 0), (2, 0, 0), (2, 1, 2), (1, 2, 5)])
+def test_on_device_loader_yields_the_dataloader_batches(world, epoch, skip, monkeypatch):
+    """data.on_device: same batches (images and labels, in order) as the DataLoader path, per rank,
+    per epoch and after skip_batches (mid-epoch resume); the ranks' shards are disjoint."""
+    seen = []
+    for rank in range(world):
+        ref, dev = (_epoch(flag, rank, world, epoch, skip, monkeypatch) for flag in (False, True))
+        assert len(ref) == len(dev) == 300 // 32 - skip  # 9 batches per epoch: 32 global, 32 / world per rank
+        for (xa, ya), (xb, yb) in zip(ref, dev):
+            assert xb.dtype == torch.uint8 and xb.shape == (32 // world, 3, 16, 16)
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        seen.append({bytes(x.numpy()) for xs, _ in dev for x in xs})
+    if world == 2:
+        assert not seen[0] & seen[1]
+
+
+def test_on_device_needs_in_memory_data_and_batched_path(tmp_path):
+    c = _run_cfg(True, path="cpu")
+    with pytest.raises(UserError, match="data.on_device=true needs .*augment.path=batched"):
+        data.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
+    c = _run_cfg(True)
+    folder = data.torchvision.datasets.FakeData(4)  # any dataset that is not TensorImages (ImageNet)
+    with pytest.raises(UserError, match="data.on_device=true"):
+        data.train_loader(folder, c, None, torch.device("cpu"))
