@@ -24,6 +24,10 @@ Two implementations of the same distribution:
 * ``batched_view``: one pass over a uint8 batch [B, C, H, W] on the training device, each
   sample with its own parameters, no host syncs, only ``generator`` as RNG.
 
+and a third path made of the two halves, for data decoded from files (ImageNet): ``cpu_crop``
+(crop + flip on uint8) in DataLoader workers, ``batched_photometric`` (steps 3-7) on the device
+(``augment.path: hybrid``, see ``ViewMaker``).
+
 They are kept in agreement by construction and by test: every op below follows the
 torchvision kernel it replaces (same sampling rules, same formulas, clamping where
 torchvision clamps), tests/test_augment.py compares each op with torchvision on fixed
@@ -69,13 +73,18 @@ def view_specs(aug: Mapping, n_views: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- CPU path
+def cpu_crop(size: int, spec: dict) -> list:
+    """The geometric part for one image: random resized crop (bicubic, antialiased) and flip, on uint8."""
+    return [T.ToImage(),
+            T.RandomResizedCrop(size, scale=spec["crop_scale"], ratio=spec["crop_ratio"],
+                                interpolation=BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(spec["flip_p"])]
+
+
 def cpu_view(size: int, spec: dict, mean, std) -> T.Compose:
     """Per-image view transform: PIL image or uint8 CHW tensor -> normalised float32 CHW."""
     return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=spec["crop_scale"], ratio=spec["crop_ratio"],
-                            interpolation=BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(spec["flip_p"]),
+        *cpu_crop(size, spec),
         T.ToDtype(torch.float32, scale=True),
         T.RandomApply([T.ColorJitter(*spec["jitter"])], p=spec["jitter_p"]),
         T.RandomGrayscale(spec["gray_p"]),
@@ -187,7 +196,9 @@ def _sample_boxes(rand, batch, height, width, scale, ratio, trials=10):
 def _resized_crop(x, top, left, h, w, flip, size):
     """Crop box (per sample) + optional horizontal flip + bicubic resize to size x size in
     one grid_sample: boxes differ per sample, so no batched crop op exists; an affine
-    grid per sample does all three at once. Bicubic to match the CPU path's crop: half-pixel
+    grid per sample does all three at once. grid_sample, not torchvision.ops.roi_align:
+    roi_align only interpolates bilinearly (averaging sample points per bin) and cannot
+    mirror, where BYOL's crop is bicubic and the flip comes free with a negative x scale. Bicubic to match the CPU path's crop: half-pixel
     centres and a replicated image border as torch's resize (cubic a = -0.75, where the
     CPU path's antialiased resize uses PIL's a = -0.5)."""
     B, C, H, W = x.shape
@@ -214,6 +225,14 @@ def batched_view(x: torch.Tensor, size: int, spec: dict, mean, std,
     x = TF.to_dtype(x, torch.float32, scale=True)
     box = _sample_boxes(rand, B, H, W, spec["crop_scale"], spec["crop_ratio"])
     x = _resized_crop(x, *box, rand(B) < spec["flip_p"], size).clamp(0, 1)
+    return batched_photometric(x, spec, mean, std, generator)
+
+
+def batched_photometric(x: torch.Tensor, spec: dict, mean, std, generator=None) -> torch.Tensor:
+    """The photometric part of ``batched_view``: float [B, C, S, S] in [0, 1] -> jitter, grayscale,
+    blur, solarise (each per sample) and normalisation. Alone it serves ``augment.path: hybrid``."""
+    rand = functools.partial(torch.rand, generator=generator, device=x.device)
+    B, size = x.shape[0], x.shape[-1]
     x = _apply_with_p(x, spec["jitter_p"], lambda y: _jitter(y, spec["jitter"], rand), rand)
     x = _apply_with_p(x, spec["gray_p"], lambda y: _luma(y).expand_as(y), rand)
     lo, hi = spec["blur_sigma"]
@@ -250,7 +269,13 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
 
 class ViewMaker:
-    """The K training views of a batch, on either path (``aug["path"]``).
+    """The K training views of a batch, on one of three paths (``aug["path"]``):
+
+    * ``batched``: a uint8 batch -> ``batched_view`` on the device (in-memory datasets);
+    * ``cpu``: the K views were made per image by ``cpu_view`` in DataLoader workers; only moved here;
+    * ``hybrid``: the workers decoded, cropped and flipped (``cpu_crop``, uint8, so a batch of JPEGs of
+      any size becomes K uint8 batches); jitter, grayscale, blur, solarise and normalisation run here,
+      batched (``batched_photometric``). For ImageNet: the workers do only decoding and geometry.
 
     The batched path reseeds its generator at every call from (``seed``, number of calls so far), so
     its state is one integer that is the same on every rank (the rank is in ``seed``): rank 0's
@@ -259,8 +284,8 @@ class ViewMaker:
 
     def __init__(self, aug: Mapping, n_views: int, size: int, mean, std, device, seed: int):
         self.path = aug["path"]
-        if self.path not in ("batched", "cpu"):
-            raise UserError(f"augment.path: got {self.path!r}; valid choices: batched, cpu")
+        if self.path not in ("batched", "cpu", "hybrid"):
+            raise UserError(f"augment.path: got {self.path!r}; valid choices: batched, cpu, hybrid")
         self.specs, self.size, self.device = view_specs(aug, n_views), size, torch.device(device)
         self.mean, self.std = list(mean), list(std)
         # device copies made once here, so that batched_view never copies from the host
@@ -271,13 +296,19 @@ class ViewMaker:
     def __call__(self, batch):
         if self.path == "cpu":  # list of K float batches made by cpu_transforms()
             return [v.to(self.device, non_blocking=True) for v in batch]
-        x = batch.to(self.device, non_blocking=True)
         self.generator.manual_seed((self.seed * 1_000_003 + self.calls) % 2**63)  # host-side, no sync
         self.calls += 1
+        if self.path == "hybrid":  # list of K uint8 crops made by cpu_transforms()
+            return [batched_photometric(TF.to_dtype(v.to(self.device, non_blocking=True), torch.float32, scale=True),
+                                        s, self._mean, self._std, self.generator) for v, s in zip(batch, self.specs)]
+        x = batch.to(self.device, non_blocking=True)
         return [batched_view(x, self.size, s, self._mean, self._std, self.generator)
                 for s in self.specs]
 
     def cpu_transforms(self) -> list:
+        """The per-image transforms the DataLoader workers run (cpu: whole views; hybrid: crop + flip)."""
+        if self.path == "hybrid":
+            return [T.Compose([*cpu_crop(self.size, s), T.ToPureTensor()]) for s in self.specs]
         return [cpu_view(self.size, s, self.mean, self.std) for s in self.specs]
 
     def state_dict(self) -> dict:

@@ -169,6 +169,24 @@ def test_paths_agree_mean_std(view, in_size):
         torch.testing.assert_close(stat(bat), stat(cpu), atol=0.02, rtol=0)
 
 
+def test_hybrid_path_agrees_with_cpu_path():
+    """augment.path hybrid: crop + flip per image (uint8, as in the workers), the photometric ops batched
+    on the device; its output statistics match the CPU path's (64 -> 32: antialiased crops on both)."""
+    x = _structured(N, size=64, seed=11)
+    vm = A.ViewMaker({**AUG, "path": "hybrid"}, 2, 32, ZERO, ONE, "cpu", seed=0)
+    torch.manual_seed(0)
+    crops = [torch.stack([t(img) for img in x]) for t in vm.cpu_transforms()]
+    assert all(type(c) is torch.Tensor and c.dtype == torch.uint8 and c.shape == (N, 3, 32, 32) for c in crops)
+    views = vm(crops)
+    for j, hyb in enumerate(views):
+        cpu = _cpu(x, _spec(j), seed=j)
+        for stat in (lambda v: v.mean((0, 2, 3)), lambda v: v.std((0, 2, 3)), lambda v: v.mean((2, 3)).std(0)):
+            torch.testing.assert_close(stat(hyb), stat(cpu), atol=0.02, rtol=0)
+    plain = A.ViewMaker({**AUG, "path": "hybrid", "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0],
+                         "solarize_p": [0.0]}, 1, 32, ZERO, ONE, "cpu", seed=0)
+    torch.testing.assert_close(plain(crops[:1])[0], crops[0].float() / 255)  # photometric ops off: the crops
+
+
 def test_paths_agree_normalisation():
     x, mean, std = _structured(200, seed=3), [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     spec = _spec(1, jitter_p=0.0)
