@@ -143,11 +143,11 @@ def s1_features(run):
     the online encoder f rebuilt from config.yaml, features PCA'd to 2-D, then l2-normalised."""
     import torch
     from common import checkpoint, data
-    from common.config import Cfg
+    from common.config import BASE, Cfg, merge
     from common.evaluate import extract_features
     from common.models import resnet
 
-    cfg = Cfg.wrap(run.cfg)
+    cfg = Cfg.wrap(merge(BASE, run.cfg))  # over today's defaults: a key added since the run has its default
     cfg.eval.linear = "none"  # only the un-augmented loaders
     state = checkpoint.load(run.path / "checkpoints" / "last.pt")
     m = cfg.model
@@ -169,7 +169,7 @@ def byol_fig2_s1(runs, out, bw=BW, **_):
     if not runs:
         return None
     fig, axes = figure(2, len(runs), "BYOL-MHE Fig. 2/3: eval-set features on $S^1$ (PCA to 2-D, l2-normalised)")
-    grid, t = np.linspace(-1.25, 1.25, 200), np.linspace(-np.pi, np.pi, 400)
+    grid, t, top_density = np.linspace(-1.25, 1.25, 200), np.linspace(-np.pi, np.pi, 400), 0.0
     for (top, bottom), r in zip(axes.T, runs):
         theta, _ = s1_features(r)
         x, y = np.cos(theta), np.sin(theta)
@@ -182,7 +182,10 @@ def byol_fig2_s1(runs, out, bw=BW, **_):
         vmf /= 2 * np.pi * np.i0(kappa) * np.exp(-kappa)
         bottom.fill_between(t, vmf, alpha=0.4)
         bottom.plot(t, vmf)
-        bottom.set(xlabel="angle (rad)", ylabel="density (vMF KDE)", xlim=(-np.pi, np.pi), ylim=(0, None))
+        bottom.set(xlabel="angle (rad)", ylabel="density (vMF KDE)", xlim=(-np.pi, np.pi))
+        top_density = max(top_density, vmf.max())
+    for ax in axes[1]:
+        ax.set_ylim(0, 1.05 * top_density)  # one density scale: the runs compare at a glance
     return save(fig, out, "byol_fig2_s1.png")
 
 
@@ -214,7 +217,7 @@ def wp_snapshots(run):
     import torch
     snaps = {}
     for p in sorted(run.path.glob("checkpoints/*.pt")):
-        s = torch.load(p, map_location="cpu", weights_only=True)
+        s = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: read W_p, not the whole file
         if "W_p" in s:
             snaps.setdefault(s["counters"]["epoch"], {"W_p": s["W_p"]})
     for p in sorted(run.path.glob("predictor/W_p_epoch_*.pt")):
@@ -229,10 +232,13 @@ def decorr_fig3_wp(runs, out, epochs=None, **_):
     for r in runs:
         snaps = wp_snapshots(r)
         saved = sorted(snaps)
-        chosen = [e for e in epochs if e in snaps] if epochs else [saved[round(i * (len(saved) - 1) / 3)]
-                                                                   for i in range(4)] if len(saved) > 4 else saved
+        spread = sorted({saved[round(i * (len(saved) - 1) / 3)] for i in range(4)}) if saved else []
+        chosen = sorted({e for e in epochs if e in snaps}) if epochs else spread  # first, last and two between
+        missing = sorted(set(epochs or ()) - set(snaps))
+        if missing:
+            print(f"{r.label}: no W_p saved at epoch {missing} (saved: {saved})", file=sys.stderr)
         if chosen:
-            rows.append((r, snaps, list(dict.fromkeys(chosen))))
+            rows.append((r, snaps, chosen))
     if not rows:
         return None
     fig, axes = figure(len(rows), max(len(e) for _, _, e in rows), "Decorr Fig. 3: $W_p$ at different epochs")
@@ -327,12 +333,10 @@ def draw(paths, out=None, epochs=None):
     pyplot()  # a missing matplotlib is the first thing to say
     runs = find_runs(paths)
     out = Path(out) if out else Path(paths[0]) / "figures"
-    done, written = [], []
-    for fn in (fn for figs in FIGURES.values() for fn in figs):
+    written = []
+    for fn in dict.fromkeys(fn for figs in FIGURES.values() for fn in figs):  # each figure once, in order
         chosen = [r for r in runs if fn in FIGURES.get(r.method, [])]
-        if chosen and fn not in done:
-            done.append(fn)
-            written.append(fn(chosen, out, epochs=epochs))
+        written.append(fn(chosen, out, epochs=epochs) if chosen else None)
     return [w for w in written if w is not None]
 
 
