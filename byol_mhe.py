@@ -53,7 +53,7 @@ from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.evaluate import final_linear_eval, monitor
-from common.models import mlp, resnet
+from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 
 METHOD = "byol_mhe"
@@ -180,6 +180,7 @@ def train(cfg):
     layers = mhe_layers(online, cfg.mhe.layers)
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -213,6 +214,7 @@ def train(cfg):
                     (z1, z2), (p1, p2) = model([x1, x2])
                     with torch.no_grad():
                         t1, t2 = target(x1), target(x2)
+                    p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()  # losses in fp32 (bf16 autocast)
                     l_byol = (byol_loss(p1, t2) + byol_loss(p2, t1)).mean()  # (BYOL-MHE, Eq. 5), symmetrised
                 l_mhe = torch.zeros((), device=dev)
                 if lam != 0 and last_micro:  # (BYOL-MHE, Eq. 8/11 summed as in Eq. 10), float32

@@ -52,7 +52,7 @@ from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.evaluate import (center_vector_norm, extract_features, feature_std, final_linear_eval,
                              knn_accuracies, monitor)
-from common.models import mlp, resnet
+from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 
 METHOD = "center_penalty"
@@ -306,6 +306,7 @@ def train(cfg):
     online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     peak_lr = scaled_lr(cfg.optim)
     opt = optimizer(cfg, online, peak_lr)
+    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 

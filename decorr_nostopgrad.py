@@ -71,7 +71,7 @@ from common import checkpoint, data, dist, log
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.evaluate import correlation_distance, extract_features, feature_std, final_linear_eval, monitor
-from common.models import mlp, resnet
+from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 
 METHOD = "decorr_nostopgrad"
@@ -230,6 +230,7 @@ def train(cfg):
     online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     peak_lr = scaled_lr(cfg.optim)  # base 0.3 x batch/256 for the whole model (§5.1)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 

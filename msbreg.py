@@ -46,7 +46,7 @@ from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.evaluate import extract_features, final_linear_eval, knn_accuracies, monitor
-from common.models import mlp, resnet
+from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 
 METHOD = "msbreg"
@@ -181,6 +181,7 @@ def train(cfg):
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim, lr_factor=K)  # (MSBReg, App. 7.1) base x batch/256 x K
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 

@@ -64,7 +64,7 @@ from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.evaluate import final_linear_eval, monitor, uniformity
-from common.models import mlp, resnet
+from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 
 METHOD = "raft"
@@ -200,6 +200,7 @@ def train(cfg):
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 

@@ -92,6 +92,7 @@ def cpu_view(size: int, spec: dict, mean, std) -> T.Compose:
                       p=spec["blur_p"]),
         T.RandomSolarize(0.5, p=spec["solarize_p"]),
         T.Normalize(list(mean), list(std)),
+        T.ToPureTensor(),  # a plain tensor, not a tv_tensors.Image (torch.compile'd encoders need one)
     ])
 
 
@@ -198,9 +199,10 @@ def _resized_crop(x, top, left, h, w, flip, size):
     one grid_sample: boxes differ per sample, so no batched crop op exists; an affine
     grid per sample does all three at once. grid_sample, not torchvision.ops.roi_align:
     roi_align only interpolates bilinearly (averaging sample points per bin) and cannot
-    mirror, where BYOL's crop is bicubic and the flip comes free with a negative x scale. Bicubic to match the CPU path's crop: half-pixel
-    centres and a replicated image border as torch's resize (cubic a = -0.75, where the
-    CPU path's antialiased resize uses PIL's a = -0.5)."""
+    mirror, where BYOL's crop is bicubic and the flip comes free with a negative x scale.
+    Bicubic to match the CPU path's crop: half-pixel centres and a replicated image border
+    as torch's resize (cubic a = -0.75, where the CPU path's antialiased resize uses PIL's
+    a = -0.5)."""
     B, C, H, W = x.shape
     sx = torch.where(flip, -w / W, w / W)  # flip = mirror the x axis of the output
     theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
@@ -329,4 +331,4 @@ def eval_transform(name: str, size: int, mean, std) -> T.Compose:
     else:  # no-op when the image already has that size
         geometry = [T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(list(mean), list(std))])
+                      T.Normalize(list(mean), list(std)), T.ToPureTensor()])

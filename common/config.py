@@ -72,6 +72,7 @@ BASE = {
     "resume": "none",        # none | auto (last checkpoint of the run folder) | path/to/checkpoint.pt
     "precision": "fp32",     # fp32 | bf16 (autocast)
     "channels_last": False,  # memory format for conv nets on CUDA
+    "compile": False,        # torch.compile the encoder (SyncBN left eager; first steps pay the compile time)
     "data": {
         "name": "synthetic",
         "root": "data",

@@ -11,9 +11,12 @@ groups or fewer), ``ln`` (GroupNorm with one group = LayerNorm over C,H,W) or
 
 ``mlp(in, hidden, out, layers, norm, last_norm)`` is the projector/predictor:
 Linear-Norm-ReLU blocks then a Linear (BYOL: Linear-BN-ReLU-Linear).
+
+``maybe_compile(module, cfg)`` applies ``torch.compile`` when the config says ``compile: true``.
 """
 from functools import partial
 
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -90,3 +93,25 @@ def mlp(in_dim, hidden, out, layers=2, norm="bn", last_norm=False):
     if last_norm:
         mods.append(nn.BatchNorm1d(out, affine=False) if norm == "bn" else norm1d(norm, out))
     return nn.Sequential(*mods)
+
+
+def maybe_compile(module, cfg):
+    """``compile: true``: ``torch.compile`` ``module``'s forward in place (``nn.Module.compile``), so its
+    parameters, ``state_dict`` keys, EMA and checkpoints stay those of the eager module; ``compile: false``
+    (default): nothing. Synchronised BatchNorm layers stay outside the compiled graphs (each runs eagerly,
+    a graph break): their collectives are not for the compiler to trace or reorder.
+
+    Call it after any ``deepcopy`` of ``module`` (the target network): a copy would share the compiled
+    forward of the original. Returns ``module``.
+    """
+    if not cfg.compile:
+        return module
+    from common.dist import GlooSyncBatchNorm
+
+    sync = [m for m in module.modules() if isinstance(m, (nn.SyncBatchNorm, GlooSyncBatchNorm))]
+    for m in sync:
+        m.forward = torch.compiler.disable(m.forward)
+    if sync:  # graph breaks: each residual block's forward compiles once per block shape, mode and batch shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    module.compile()
+    return module
