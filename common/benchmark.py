@@ -1,34 +1,55 @@
 """Speed ratios, measured side by side in one run on the current device.
 
-    python -m common.benchmark                 # CPU or the visible GPU
-    python -m common.benchmark --size 32 --batch 256 --width 16 --repeats 5
+    python -m common.benchmark                                   # ~2-3 min on 2 CPU cores
+    python -m common.benchmark --width 64 --batch 256 --epoch-images 20000 --repeats 20   # a GPU
+    python -m common.benchmark --set precision=bf16 channels_last=true compile=true       # options on
 
-(a) augmentation: images/s of the batched on-device view pipeline
-    (``augment.batched_view``) vs the per-image torchvision v2 pipeline
-    (``augment.cpu_view``, one image at a time, as a DataLoader worker runs it),
-    both making BYOL's two views of the same uint8 images.
-(b) training step: the time of one full ``byol_uniform`` optimizer step (online
-    f, g, q on both views, target forward, BYOL + uniformity loss, backward, LARS
-    step, EMA update) divided by the time of a bare encoder forward+backward on
-    the same two views. Views are made beforehand, so (b) excludes augmentation.
+(a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
+    ``augment.path: batched``) vs the per-image torchvision v2 pipeline (``cpu_view``, one
+    image at a time, as a DataLoader worker runs it), both making BYOL's two views.
+(b) training step, for each of the six scripts with its default model (the script's
+    ``DEFAULTS``; ResNet ``--width``): one full iteration of the script's loop (forward of
+    every view, loss, backward, optimizer, schedule, EMA update) vs a bare forward+backward
+    of the same encoder on the same views. How, without copying any loop: the script's own
+    ``train(cfg)`` runs a few steps on ``synthetic`` (data on the device) with its
+    ``ViewMaker`` replaced by ``_CachedViews``, which makes the views of the first batch
+    once, returns them at every step and records the time of each call after a device
+    sync; the interval between two calls is one iteration, augmentation excluded. The
+    encoder is then rebuilt from the same resolved config and timed on those views.
+(c) end-to-end epoch of ``byol_uniform`` on ``synthetic`` (data, augmentation, steps):
+    ``data.on_device: true`` + batched augmentation vs a DataLoader with workers
+    (``augment.path: cpu``, ``data.workers: 2``); the loader is wrapped (``_TimedLoader``) to
+    time the last of two epochs from its first request to its exhaustion.
 
-Each timing is the median of ``--repeats`` runs after a warm-up.
+Each ratio is the slow time over the fast one (or full over bare); timings are medians of
+``--repeats`` after ``--warmup`` steps. On a GPU the lines also give images/s and the full
+step's rate as a fraction of the encoder-only rate. ``--set`` passes config overrides to
+every script run of (b) and (c), e.g. ``precision=bf16`` or ``compile=true``.
 """
 import argparse
+import contextlib
+import functools
+import importlib
+import io
 import statistics
+import tempfile
 import time
 from copy import deepcopy
+from unittest import mock
 
 import torch
 
+from common import data
 from common.augment import ViewMaker, cpu_view, view_specs
-from common.config import BASE, Cfg
-from common.data import make_synthetic, stats
+from common.config import BASE, Cfg, parse
+from common.models import maybe_compile, resnet
+
+SCRIPTS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 
 
 def _sync(dev):
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
 
 
 def timeit(fn, dev, repeats, warmup=1):
@@ -44,70 +65,153 @@ def timeit(fn, dev, repeats, warmup=1):
     return statistics.median(times)
 
 
+# ---------------------------------------------------------------------------- (a)
 def bench_augment(images, size, dev, repeats):
-    mean, std = stats("synthetic")
+    """images/s of the batched path on ``dev`` and of the per-image CPU path (up to 512 images)."""
+    mean, std = data.stats("synthetic")
     aug = Cfg.wrap(deepcopy(BASE["augment"]))
     maker = ViewMaker(aug, 2, size, mean, std, dev, seed=0)
     cpu = [cpu_view(size, s, mean, std) for s in view_specs(aug, 2)]
     n_cpu = min(len(images), 512)
-    t_batched = timeit(lambda: maker(images), dev, repeats)
+    on_dev = images.to(dev)
+    t_batched = timeit(lambda: maker(on_dev), dev, repeats)
     t_cpu = timeit(lambda: [[t(img) for t in cpu] for img in images[:n_cpu]], torch.device("cpu"), repeats)
     return len(images) / t_batched, n_cpu / t_cpu
 
 
-def bench_byol_step(images, size, width, dev, repeats):
-    import byol_uniform as bu  # the script's own pieces
-    from common.ema import EMA
-    from common.optim import build, param_groups
+# ---------------------------------------------------------------------------- running a script
+class _CachedViews(ViewMaker):
+    """A script's ``ViewMaker`` that makes the first batch's views once and returns them at every
+    call, appending the time of each call (after a device sync) to ``self.times``."""
 
-    cfg = Cfg.wrap(deepcopy({**BASE, **bu.DEFAULTS}))
-    cfg.model.update(width=width, proj_hidden=512, proj_dim=128, pred_hidden=512)
-    online = bu.Online(cfg.model).to(dev)
-    target = deepcopy(torch.nn.Sequential(online.f, online.g))
-    ema = EMA(target, torch.nn.Sequential(online.f, online.g))
-    opt = build(cfg.optim, param_groups([online], 1e-6), 0.1)
-    mean, std = stats("synthetic")
-    x1, x2 = ViewMaker(cfg.augment, 2, size, mean, std, dev, seed=0)(images)
+    def __init__(self, made, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cache, self.times = None, []
+        made.append(self)
 
-    def full_step():
-        (z1, z2), (p1, p2) = online([x1, x2])
-        with torch.no_grad():
-            t1, t2 = target(x1), target(x2)
-        loss = (bu.byol_loss(p1, t2) + bu.byol_loss(p2, t1)).mean()
-        loss = loss + 0.125 * (bu.uniformity_loss(z1) + bu.uniformity_loss(z2)) / 2
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(0.99)
+    def __call__(self, batch):
+        if self.cache is None:
+            self.cache = super().__call__(batch)
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return self.cache
 
-    encoder = deepcopy(online.f)
+
+class _TimedLoader:
+    """Wraps a training loader; appends each epoch's time (first request to exhaustion) to ``times``."""
+
+    def __init__(self, loader, dev, times):
+        self.loader, self.dev, self.times = loader, dev, times
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        _sync(self.dev)
+        t = time.perf_counter()
+        yield from self.loader
+        _sync(self.dev)
+        self.times.append(time.perf_counter() - t)
+
+
+def run_script(name, overrides, cached_views=False, time_epochs=False):
+    """Run ``name``'s own ``train(cfg)`` in this process on tiny ``synthetic`` settings plus ``overrides``
+    (``key=value`` strings), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
+    ``cached_views`` the makers are ``_CachedViews`` (their ``times``/``cache`` hold the per-step record)."""
+    script = importlib.import_module(name)
+    made, epochs = [], []
+    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
+        cfg = parse(["--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
+                     "eval.every=0", "eval.linear=none", "eval.knn_k=[5]", "log.every=1000000",
+                     "log.progress=false", "checkpoint.every=1000000", *overrides],
+                    script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
+        if cached_views:
+            stack.enter_context(mock.patch.object(script, "ViewMaker", functools.partial(_CachedViews, made)))
+        if time_epochs:
+            loader = data.train_loader
+            timed = lambda *a: (lambda ld, s: (_TimedLoader(ld, a[3], epochs), s))(*loader(*a))  # noqa: E731
+            stack.enter_context(mock.patch.object(data, "train_loader", timed))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        script.train(cfg)
+    return cfg, made, epochs
+
+
+def _tiny(args, images):
+    """Overrides shared by (b) and (c): synthetic data at --size, --width, --batch, the device."""
+    return [f"device={args.device}", f"data.synthetic.train_size={images}", "data.synthetic.test_size=64",
+            f"data.synthetic.size={args.size}", f"data.image_size={args.size}", f"model.width={args.width}",
+            f"optim.batch_size={args.batch}", *args.set]
+
+
+# ---------------------------------------------------------------------------- (b)
+def bench_step(name, args):
+    """Median time of one full iteration of ``name``'s loop and of a bare encoder forward+backward on the
+    same views, and the number of views."""
+    steps = args.warmup + args.repeats + 1  # n calls of the view maker = n - 1 measured iterations
+    cfg, (views,), _ = run_script(name, [*_tiny(args, steps * args.batch), "data.on_device=true", "optim.epochs=1",
+                                         f"checkpoint.stop_after_step={steps}"], cached_views=True)
+    iterations = [b - a for a, b in zip(views.times, views.times[1:])][args.warmup:]
+    dev, m = views.device, cfg.model
+    encoder = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
+    encoder = encoder.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    maybe_compile(encoder, cfg)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     def encoder_step():
-        for x in (x1, x2):
-            encoder(x).sum().backward()
+        for x in views.cache:
+            with amp:
+                y = encoder(x)
+            y.float().sum().backward()
         encoder.zero_grad(set_to_none=True)
 
-    return timeit(full_step, dev, repeats), timeit(encoder_step, dev, repeats)
+    return statistics.median(iterations), timeit(encoder_step, dev, args.repeats, args.warmup), len(views.cache)
+
+
+# ---------------------------------------------------------------------------- (c)
+def bench_epoch(args, workers=2):
+    """Time of byol_uniform's second epoch: data on the device vs a DataLoader with ``workers`` (cpu path)."""
+    common = [*_tiny(args, args.epoch_images), "optim.epochs=2"]
+    on_device = run_script("byol_uniform", [*common, "data.on_device=true"], time_epochs=True)[2][-1]
+    loader = run_script("byol_uniform", [*common, "augment.path=cpu", f"data.workers={workers}"],
+                        time_epochs=True)[2][-1]
+    return on_device, loader
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--width", type=int, default=16, help="ResNet-18 width for (b) (64 = torchvision's)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=32, help="image size (synthetic data and views)")
+    ap.add_argument("--batch", type=int, default=64, help="batch size of (a), (b), (c)")
+    ap.add_argument("--width", type=int, default=16, help="ResNet width for (b), (c) (64 = torchvision's)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats / steps (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before (b)'s repeats")
+    ap.add_argument("--epoch-images", type=int, default=1024, help="images per epoch in (c)")
+    ap.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS, help="scripts for (b)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
+                    help="config overrides for (b) and (c), e.g. precision=bf16 channels_last=true compile=true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    images, _ = make_synthetic(args.batch, args.size, 10, seed=0)
-    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{args.batch} images {args.size}x{args.size}, median of {args.repeats}")
+    gpu = dev.type == "cuda"
+    images, _ = data.make_synthetic(args.batch, args.size, 10, seed=0)
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if gpu else f'{torch.get_num_threads()} threads'}), "
+          f"images {args.size}x{args.size}, batch {args.batch}, ResNet width {args.width}, median of "
+          f"{args.repeats}{', overrides ' + ' '.join(args.set) if args.set else ''}", flush=True)
+
     fast, slow = bench_augment(images, args.size, dev, args.repeats)
     print(f"(a) augmentation, 2 BYOL views: batched {fast:,.0f} img/s | per-image torchvision v2 {slow:,.0f} img/s "
-          f"| ratio {fast / slow:.1f}x")
-    t_full, t_enc = bench_byol_step(images, args.size, args.width, dev, args.repeats)
-    print(f"(b) byol_uniform step (ResNet-18 width {args.width}): full step {t_full * 1e3:.1f} ms | bare encoder "
-          f"fwd+bwd on the same 2 views {t_enc * 1e3:.1f} ms | ratio {t_full / t_enc:.2f}x")
+          f"| ratio {fast / slow:.2f}x", flush=True)
+
+    for name in args.scripts:
+        t_full, t_enc, k = bench_step(name, args)
+        rates = (f" | {args.batch / t_full:,.0f} vs {args.batch / t_enc:,.0f} img/s, full step at "
+                 f"{t_enc / t_full:.0%} of the encoder-only rate" if gpu else "")
+        print(f"(b) {name:<18} full step {t_full * 1e3:8.1f} ms | bare encoder fwd+bwd on the same {k} views "
+              f"{t_enc * 1e3:8.1f} ms | ratio {t_full / t_enc:.2f}x{rates}", flush=True)
+
+    t_dev, t_loader = bench_epoch(args)
+    rates = (f" | {args.epoch_images / t_dev:,.0f} vs {args.epoch_images / t_loader:,.0f} img/s" if gpu else "")
+    print(f"(c) byol_uniform epoch of {args.epoch_images} images: data on device {t_dev:.2f} s | DataLoader, 2 "
+          f"workers, augment.path cpu {t_loader:.2f} s | ratio {t_loader / t_dev:.2f}x{rates}", flush=True)
 
 
 if __name__ == "__main__":
