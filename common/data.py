@@ -20,7 +20,9 @@ chosen on the test set: CIFAR-10 500 images per class, CIFAR-100 50 per class, I
 our choice elsewhere: 10% of every class.
 
 Every item is ``(uint8 tensor [3, H, W], int)`` (or ``(transform(image), int)``). Small datasets are
-``TensorImages`` held in memory; ImageNet decodes files on access. Downloads happen only with
+``TensorImages`` held in memory; ImageNet decodes files on access. ``train_loader`` serves SSL batches:
+through a DataLoader, or with ``data.on_device: true`` (in-memory datasets, batched augmentation) from
+the uint8 images kept on the training device (``DeviceBatches``: same sampler, same batches, no workers). Downloads happen only with
 ``data.download: true``; a missing dataset raises ``UserError`` saying where we looked and how to fix it.
 """
 import gzip

@@ -1,11 +1,18 @@
 """Mean-teacher (target network) update, BYOL-MHE §3.5 / Grill et al.
 
-``xi <- tau*xi + (1-tau)*theta`` over all floating-point parameters, as one
-fused ``torch._foreach_lerp_`` call (no Python loop per tensor per step).
-Buffers (BatchNorm running statistics, ``num_batches_tracked``) are copied
-from the online network: the target runs BN in training mode, so its running
-statistics only matter for evaluating the target, and copying them keeps them
-consistent with the weights they are averaged from.
+``xi <- tau*xi + (1-tau)*theta`` over all parameters, as one fused
+``torch._foreach_lerp_`` call (no Python loop per tensor per step).
+
+Precision: the target holds fp32 weights (a copy of the fp32 online network;
+``precision: bf16`` is autocast, which casts per op and never the stored
+weights), so the average runs in fp32: in bf16, updates of size (1-tau) = 1e-3
+relative to the weight would mostly round away.
+
+Buffers are copied, not averaged: the integer ``num_batches_tracked`` (a lerp
+needs floating point) and the BatchNorm running statistics. Policy for those:
+the target runs BN in training mode (batch statistics, as BYOL), so its running
+statistics only matter for evaluating the target, and copying the online ones
+keeps them consistent with the weights they are averaged from.
 
 ``tau_at``: ``1 - (1 - tau_base) * (cos(pi*k/K) + 1) / 2`` (cosine, rises from
 tau_base to 1) or ``tau_base`` (constant, e.g. RAFT App. B).
