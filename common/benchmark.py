@@ -132,6 +132,7 @@ def run_script(name, overrides, cached_views=False, time_epochs=False):
             timed = lambda *a: (lambda ld, s: (_TimedLoader(ld, a[3], epochs), s))(*loader(*a))  # noqa: E731
             stack.enter_context(mock.patch.object(data, "train_loader", timed))
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        torch.compiler.reset()  # with compile=true: no compiled code or recompile budget carried between runs
         script.train(cfg)
     return cfg, made, epochs
 
