@@ -6,7 +6,8 @@
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
     ``augment.path: batched``) vs the per-image torchvision v2 pipeline (``cpu_view``, one
-    image at a time, as a DataLoader worker runs it), both making BYOL's two views.
+    image at a time, as a DataLoader worker runs it), both making BYOL's two views; then the
+    same for MSBReg's K = 8 views, and the batched K = 8 time over the per-image K = 2 time.
 (b) training step, for each of the six scripts with its default model (the script's
     ``DEFAULTS``; ResNet ``--width``): one full iteration of the script's loop (forward of
     every view, loss, backward, optimizer, schedule, EMA update) vs a bare forward+backward
@@ -66,12 +67,13 @@ def timeit(fn, dev, repeats, warmup=1):
 
 
 # ---------------------------------------------------------------------------- (a)
-def bench_augment(images, size, dev, repeats):
-    """images/s of the batched path on ``dev`` and of the per-image CPU path (up to 512 images)."""
+def bench_augment(images, size, dev, repeats, views=2):
+    """images/s of the batched path on ``dev`` and of the per-image CPU path (up to 512 images),
+    making ``views`` views of each image (2: BYOL; 8: MSBReg's largest K)."""
     mean, std = data.stats("synthetic")
     aug = Cfg.wrap(deepcopy(BASE["augment"]))
-    maker = ViewMaker(aug, 2, size, mean, std, dev, seed=0)
-    cpu = [cpu_view(size, s, mean, std) for s in view_specs(aug, 2)]
+    maker = ViewMaker(aug, views, size, mean, std, dev, seed=0)
+    cpu = [cpu_view(size, s, mean, std) for s in view_specs(aug, views)]
     n_cpu = min(len(images), 512)
     on_dev = images.to(dev)
     t_batched = timeit(lambda: maker(on_dev), dev, repeats)
@@ -201,6 +203,10 @@ def main(argv=None):
     fast, slow = bench_augment(images, args.size, dev, args.repeats)
     print(f"(a) augmentation, 2 BYOL views: batched {fast:,.0f} img/s | per-image torchvision v2 {slow:,.0f} img/s "
           f"| ratio {fast / slow:.2f}x", flush=True)
+    fast8, slow8 = bench_augment(images, args.size, dev, args.repeats, views=8)
+    print(f"(a) augmentation, 8 MSBReg views: batched {fast8:,.0f} img/s | per-image torchvision v2 {slow8:,.0f} "
+          f"img/s | ratio {fast8 / slow8:.2f}x | batched K=8 costs {slow / fast8:.2f}x the per-image K=2 time",
+          flush=True)
 
     for name in args.scripts:
         t_full, t_enc, k = bench_step(name, args)

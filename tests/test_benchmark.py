@@ -23,6 +23,8 @@ def test_benchmark_prints_positive_ratios(capsys):
     assert sorted(k for k, _ in ratios) == ["a", *["b"] * len(benchmark.SCRIPTS), "c"], lines
     assert {name for k, name in ratios if k == "b"} == set(benchmark.SCRIPTS)
     assert all(r > 0 for r in ratios.values()), ratios
+    k8 = [line for line in lines if line.startswith("(a) augmentation, 8 MSBReg views")]
+    assert len(k8) == 1 and float(re.search(r"K=8 costs ([0-9.]+)x the per-image K=2 time$", k8[0])[1]) > 0, lines
     for line in lines:  # the times and rates in each line parse and are positive too
         if line.startswith("("):
             numbers = [float(x.replace(",", "")) for x in re.findall(r"([0-9][0-9,]*\.?[0-9]*) (?:ms|s|img/s)\b", line)]

@@ -174,6 +174,7 @@ def _worker(rank, world, port, x, out):
         loss.backward()
         torch.save({"s": s.detach(), "loss": cd.all_reduce_mean(loss), "grads": [q.grad for q in net.parameters()]},
                    out / f"r{rank}.pt")
+        tdist.barrier()  # tear down together: Gloo can abort a rank whose peer left first
     finally:
         tdist.destroy_process_group()
 

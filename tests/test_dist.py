@@ -32,6 +32,7 @@ def _worker(rank, world, port, x, out):
         if rank == 0:
             torch.save({"loss": mean_loss, "grads": [p.grad for p in model.parameters()],
                         "running_mean": model.module[1].running_mean}, out)
+        dist.barrier()  # tear down together: Gloo can abort a rank whose peer left first
     finally:
         dist.destroy_process_group()
 
