@@ -216,6 +216,12 @@ def _spawned(local_rank, train, cfg, nproc, port):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _run(train, cfg)
+    # Done: every file is written and closed. Skip the interpreter's teardown: after the process group is
+    # destroyed, a Gloo process now and then aborts there (SIGABRT, "terminate called without an active
+    # exception"; ~1 in 15 of our 2-process unit tests), which would report a finished run as failed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(train, cfg):

@@ -20,21 +20,26 @@ def _loss(model, x, gather):
     return (z ** 2).mean() + uniformity(gather(z))  # a local term + a term over the global batch
 
 
+def _step(rank, world, x, out):
+    n = len(x) // world
+    model = torch.nn.parallel.DistributedDataParallel(cd.convert_sync_bn(_net(), on_cuda=False))
+    loss = _loss(model, x[rank * n:(rank + 1) * n], cd.all_gather_grad)
+    loss.backward()
+    mean_loss = cd.all_reduce_mean(loss)  # what the scripts log
+    if rank == 0:
+        torch.save({"loss": mean_loss, "grads": [p.grad for p in model.parameters()],
+                    "running_mean": model.module[1].running_mean}, out)
+
+
 def _worker(rank, world, port, x, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        n = len(x) // world
-        model = torch.nn.parallel.DistributedDataParallel(cd.convert_sync_bn(_net(), on_cuda=False))
-        loss = _loss(model, x[rank * n:(rank + 1) * n], cd.all_gather_grad)
-        loss.backward()
-        mean_loss = cd.all_reduce_mean(loss)  # what the scripts log
-        if rank == 0:
-            torch.save({"loss": mean_loss, "grads": [p.grad for p in model.parameters()],
-                        "running_mean": model.module[1].running_mean}, out)
-        dist.barrier()  # tear down together: Gloo can abort a rank whose peer left first
+        _step(rank, world, x, out)  # the DDP model is freed on return, as in the scripts (train() returns first)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, where Gloo now and then aborts a finished process (SIGABRT)
 
 
 def _port():
