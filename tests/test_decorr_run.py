@@ -22,10 +22,10 @@ FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.
                "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
 
 
-def run(tmp_path, *overrides, name="r", check=True, tiny=True, timeout=600):
+def run(tmp_path, *overrides, name="r", check=True, tiny=True, timeout=600, threads="1"):
     cmd = [sys.executable, str(ROOT / "decorr_nostopgrad.py"), "--config", str(QUICK), "--set",
            f"out_dir={tmp_path}", f"name={name}", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
                        stdin=subprocess.DEVNULL)
     if check:
@@ -158,9 +158,11 @@ def test_paper_configs_parse_and_hold_the_table_values():
 # ----------------------------------------------------------------------------- slow: learning and collapse
 @pytest.mark.slow
 def test_learning_check_quickstart_raises_knn_without_collapse(tmp_path):
-    """Quickstart config, 5 of its 12 epochs: weighted kNN (k=200, T=0.1) >= random init + 15 points and no
-    collapse (std of l2-normalised backbone and projector outputs x √dim above diag.collapse_floor = 0.1)."""
-    run(tmp_path, "optim.epochs=5", "eval.every=0", "eval.linear=none", name="learn", tiny=False)
+    """The quickstart command as a user runs it (2 threads): weighted kNN (k=200, T=0.1) >= random init + 15
+    points and no collapse (std of l2-normalised backbone and projector outputs x √dim above
+    diag.collapse_floor = 0.1). Measured 20.0 -> 47.4 in 50 s; a 5-epoch cut gave 38.9 and 33.8 in two runs
+    that differed only in their augmentation streams."""
+    run(tmp_path, name="learn", tiny=False, threads="2")
     s = summary(tmp_path, "learn")
     assert s["knn200"] >= s["knn_init"] + 15, s
     assert not s["collapsed"] and s["feature_std_rel"] > 0.1 and s["proj_std_rel"] > 0.1, s
