@@ -144,18 +144,35 @@ def _jitter_order(rand, batch):
 
 
 def _jitter(x, strengths, rand):
-    """ColorJitter with per-sample factors and op order; each of the 4 slots evaluates all
-    4 ops and keeps, per sample, the one that sample's permutation puts in that slot."""
+    """ColorJitter with per-sample factors and per-sample op order, hue evaluated once.
+
+    Brightness, contrast and saturation are one blend clamp(f x + (1 - f) m, 0, 1) with m = 0,
+    the mean luma or the luma image (torchvision's formulas), so a "slot" applies, per sample,
+    whichever of the three that sample's order puts there (f = 1 leaves x unchanged, exactly).
+    Each sample runs the three in its order: those before its hue in slots 1-3 of a first pass
+    (the others with f = 1), then hue, then those after hue in a second pass of three slots.
+    """
     batch = x.shape[0]
     b, c, s, h = strengths
-    ops = [functools.partial(_brightness, f=_uniform(rand, max(0, 1 - b), 1 + b, batch)),
-           functools.partial(_contrast, f=_uniform(rand, max(0, 1 - c), 1 + c, batch)),
-           functools.partial(_saturation, f=_uniform(rand, max(0, 1 - s), 1 + s, batch)),
-           functools.partial(_hue, shift=_uniform(rand, -h, h, batch))]
-    order = _jitter_order(rand, batch)
-    for slot in range(4):
-        pick = order[:, slot].view(1, batch, 1, 1, 1).expand(1, *x.shape)
-        x = torch.stack([op(x) for op in ops]).gather(0, pick)[0]
+    factors = torch.cat([_uniform(rand, max(0, 1 - v), 1 + v, batch) for v in (b, c, s)], 1)[:, :, 0, 0]
+    shift = _uniform(rand, -h, h, batch)
+    order = _jitter_order(rand, batch)  # order[i, q]: op at slot q (0 b, 1 c, 2 s, 3 hue)
+    hue_slot = (order == 3).int().argmax(1, keepdim=True)
+    slots = (order == 3).int().argsort(dim=1, stable=True)[:, :3]  # the three blend ops' slots, in order
+    kind = order.gather(1, slots)  # [B, 3]: which blend op runs r-th
+    f = factors.gather(1, kind)
+
+    def blend_slot(x, r, active):
+        k = kind[:, r].view(batch, 1, 1, 1)
+        luma = _luma(x)
+        m = torch.where(k == 0, 0.0, torch.where(k == 1, luma.mean((1, 2, 3), keepdim=True), luma))
+        return _blend(x, m, torch.where(active[:, r], f[:, r], 1.0).view(batch, 1, 1, 1))
+
+    for r in range(3):  # blend ops before hue
+        x = blend_slot(x, r, slots < hue_slot)
+    x = _hue(x, shift)
+    for r in range(3):  # blend ops after hue
+        x = blend_slot(x, r, slots > hue_slot)
     return x
 
 

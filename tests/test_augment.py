@@ -261,7 +261,7 @@ def test_jitter_order_changes_the_result():
     factors = [A._uniform(rand, lo, hi, 64) for lo, hi in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))]
     order = A._jitter_order(rand, 64)
     ops = (A._brightness, A._contrast, A._saturation, A._hue)
-    for i in (0, 1, 2, 3):
+    for i in range(64):
         want = x[i:i + 1]
         for op in order[i].tolist():
             want = ops[op](want, factors[op][i:i + 1])
