@@ -16,7 +16,9 @@ lr 0.3 x batch/256, batch 2048, 100 epochs, 10 warm-up; SyncBN everywhere incl. 
 
 How we compute it (exactly Eq. 19, arranged for speed and DDP):
 - W_p(F_i F_iᵀ)W_pᵀ = (1/n') Σ_{j in partition i} p_j p_jᵀ with p_j = W_p f̄_j (n' = n/k): the same
-  matrix from the predictions, n'd² instead of d³ operations.
+  matrix from the predictions, n'd² instead of d³ operations; when n' < d the square of Eq. 19 is
+  expanded so that only n' x n' Gram matrices and one ||W_pᵀW_p||_F² per step are formed
+  (``correlation_term``).
 - Sample j of the global batch belongs to partition j mod k. Rank r of W processes holds global
   positions r, r+W, ... (common.dist.sampler), so when W divides k each device computes k/W
   partitions on its own samples (§4.4: "compute each partitioned term separately on a single
@@ -106,22 +108,34 @@ def standardize(f, eps=1e-5, unbiased=True):
     return (f - mu) / torch.sqrt(var + eps)
 
 
-def correlation_term(p, W_p, k):
+def correlation_term(p, W_p, k, wtw_sq=None):
     """(Decorr, Eq. 19) Σ_{i=1..k} ||W_pᵀW_p - W_p(F_iF_iᵀ)W_pᵀ||_F² over the rows of p = W_p f̄ [m, d].
 
-    Row j is in partition j mod k; W_p(F_iF_iᵀ)W_pᵀ = (1/n') Σ_{j in i} p_j p_jᵀ, n' = m/k.
+    Row j is in partition j mod k; C_i = W_p(F_iF_iᵀ)W_pᵀ = P_iᵀP_i / n' with P_i its n' = m/k rows.
+    When n' < d, the square is expanded so that no d x d difference is formed (n'd² + m d² work
+    instead of k d² elementwise terms): ||M - C_i||² = ||M||² - 2 tr(M C_i) + ||C_i||², M = W_pᵀW_p,
+    with tr(M C_i) = ||P_i W_pᵀ||²/n' and ||C_i||² = ||P_iP_iᵀ||²/n'² (an n' x n' Gram matrix).
+    There C_i has rank ≤ n' < d, so it cannot equal M for a full-rank W_p (no cancellation of the
+    terms); otherwise the differences are formed directly. ``wtw_sq``: ||M||², if already computed.
     """
     m, d = p.shape
-    parts = p.reshape(m // k, k, d)
-    WtW = W_p.T @ W_p
-    return sum((WtW - parts[:, i].T @ parts[:, i] / (m // k)).pow(2).sum() for i in range(k))
+    n_ = m // k
+    parts = p.reshape(n_, k, d).transpose(0, 1)  # [k, n', d]: partition i = rows i, i + k, ...
+    if n_ >= d:
+        M = W_p.T @ W_p
+        return (M - parts.mT @ parts / n_).pow(2).sum()
+    wtw_sq = (W_p.T @ W_p).pow(2).sum() if wtw_sq is None else wtw_sq
+    cross = (p @ W_p.T).pow(2).sum() / n_  # Σ_i tr(M C_i)
+    gram = (parts @ parts.mT).pow(2).sum() / n_ ** 2  # Σ_i ||C_i||²
+    return k * wtw_sq - 2 * cross + gram
 
 
-def direction_loss(fa, fb, W_p, b, k, stopgrad=False):
+def direction_loss(fa, fb, W_p, b, k, stopgrad=False, wtw_sq=None):
     """(Decorr, Eq. 19) one direction F^a -> F^b on this process's rows f̄ [m, d]: this process's shares of
     ||W_p F^a - F^b||_F² and of Σ_i ||W_pᵀW_p - W_p(F^a_i F^a_iᵀ)W_pᵀ||_F² (one process: the terms).
 
-    ``b``: predictor bias or None; ``stopgrad``: F^b is a constant (BYOL/SimSiam, Tab. 3).
+    ``b``: predictor bias or None; ``stopgrad``: F^b is a constant (BYOL/SimSiam, Tab. 3);
+    ``wtw_sq``: ||W_pᵀW_p||_F², shared by both directions (see correlation_term).
     """
     world, (m, d) = dist.world_size(), fa.shape
     n = m * world  # global batch: F = [f̄_1 .. f̄_n]/√n
@@ -129,18 +143,19 @@ def direction_loss(fa, fb, W_p, b, k, stopgrad=False):
     p = fa @ W_p.T + (b if b is not None else 0)  # W_p f̄_j (+ b)
     inv = (p - fb).pow(2).sum() / n  # ||W_p F^a - F^b||_F² (Eq. 5 scaling)
     if k % world == 0:  # (§4.4) each device computes its own k/W partitions
-        return inv, correlation_term(p, W_p, k // world)
+        return inv, correlation_term(p, W_p, k // world, wtw_sq)
     # partitions span devices: all predictions in global-batch order, on every rank
     p_all = dist.all_gather_grad(p).reshape(world, m, d).transpose(0, 1).reshape(n, d)
-    return inv, correlation_term(p_all, W_p, k) / world
+    return inv, correlation_term(p_all, W_p, k, wtw_sq) / world
 
 
 def decorr_loss(f1, f2, W_p, b, k, c_inv, c_cov, stopgrad=False, inv_norm="frobenius"):
     """(Decorr, Eq. 19, §4.2) L(F¹→F²) + L(F²→F¹): this process's shares of c_inv·(invariance) and
     c_cov/d·(correlation); ``inv_norm="mse"`` divides the invariance by d (authors' code)."""
     d = f1.shape[1]
-    inv12, cov12 = direction_loss(f1, f2, W_p, b, k, stopgrad)
-    inv21, cov21 = direction_loss(f2, f1, W_p, b, k, stopgrad)
+    wtw_sq = (W_p.T @ W_p).pow(2).sum()  # ||W_pᵀW_p||_F²: one d³ product per step, not per direction
+    inv12, cov12 = direction_loss(f1, f2, W_p, b, k, stopgrad, wtw_sq)
+    inv21, cov21 = direction_loss(f2, f1, W_p, b, k, stopgrad, wtw_sq)
     inv = (inv12 + inv21) / (d if inv_norm == "mse" else 1)
     return c_inv * inv, c_cov / d * (cov12 + cov21)
 

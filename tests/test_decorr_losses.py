@@ -93,6 +93,25 @@ def test_loss_matches_float64_eq19_both_directions(k):
     assert not torch.isclose(eq19_ref(F1, F2, Wd, k, c_inv, c_cov), eq19_ref(F2, F1, Wd, k, c_inv, c_cov))
 
 
+@pytest.mark.parametrize("n,d,k", [(24, 16, 3), (24, 4, 2), (32, 8, 4)])  # n' = 8 < d: expanded; n' >= d: direct
+def test_correlation_term_value_and_gradients_match_float64_literal(n, d, k):
+    """Σ_i ||W_pᵀW_p - (1/n') Σ_{j ≡ i mod k} p_j p_jᵀ||_F², written with d x d matrices and loops in float64,
+    against correlation_term on both of its paths (expanded square, direct difference): value and gradients."""
+    p = (torch.randn(n, d) * (0.5 + torch.rand(d))).requires_grad_()
+    W = (torch.randn(d, d) / math.sqrt(d)).requires_grad_()
+    got = dn.correlation_term(p, W, k)
+    got.backward()
+    pd, Wd = p.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    ref = sum(((Wd.T @ Wd - sum(torch.outer(pd[j], pd[j]) for j in range(i, n, k)) / (n // k)) ** 2).sum()
+              for i in range(k))
+    ref.backward()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(p.grad.double(), pd.grad, rtol=1e-4, atol=1e-4 * pd.grad.abs().max().item())
+    torch.testing.assert_close(W.grad.double(), Wd.grad, rtol=1e-4, atol=1e-4 * Wd.grad.abs().max().item())
+    # the shared ||W_pᵀW_p||² (decorr_loss computes it once per step) gives the same value
+    torch.testing.assert_close(dn.correlation_term(p, W, k, (W.T @ W).pow(2).sum()), got)
+
+
 def test_one_partition_is_eq17_and_partitions_change_the_loss():
     n, d = 20, 5
     z1, W = fresh(n, d)
