@@ -24,23 +24,32 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step for all parameters of a group at once (``torch._foreach_*``: a few fused kernels per
+        group, not a Python loop of small ops per parameter)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad
-                if not group["lars_exclude"]:
-                    g = g.add(w, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
-                    g = g.mul(trust)
+            ws = [w for w in group["params"] if w.grad is not None]
+            if not ws:
+                continue
+            gs = [w.grad for w in ws]
+            if not group["lars_exclude"]:
+                gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])  # g + wd*w
+                w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                torch._foreach_mul_(gs, list(trust.unbind()))  # eta*||w||/||g|| * g
+            bufs, old_bufs, old_gs = [], [], []
+            for w, g in zip(ws, gs):
                 state = self.state[w]
-                if "momentum_buffer" not in state:
+                if "momentum_buffer" in state:
+                    old_bufs.append(state["momentum_buffer"])
+                    old_gs.append(g)
+                else:  # first step: v = g
                     state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                w.add_(state["momentum_buffer"], alpha=-group["lr"])
+                bufs.append(state["momentum_buffer"])
+            if old_bufs:  # v = m*v + g
+                torch._foreach_mul_(old_bufs, group["momentum"])
+                torch._foreach_add_(old_bufs, old_gs)
+            torch._foreach_add_(ws, bufs, alpha=-group["lr"])  # w = w - lr*v
         return loss
 
 

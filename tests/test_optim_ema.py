@@ -32,6 +32,44 @@ def test_lars_step_matches_hand_computation():
         torch.testing.assert_close(lin.bias.detach().double(), b, rtol=1e-5, atol=1e-7)
 
 
+def lars_loop_ref(params, grads, bufs, lr, m, wd, eta, exclude):
+    """LARS for one parameter at a time, in float64 (the update rule in the module docstring)."""
+    out = []
+    for w, g, v in zip(params, grads, bufs):
+        if not exclude:
+            g = g + wd * w
+            trust = eta * w.norm() / g.norm() if w.norm() > 0 and g.norm() > 0 else 1.0
+            g = g * trust
+        v = g if v is None else m * v + g
+        out.append((w - lr * v, v))
+    return out
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_lars_fused_step_equals_per_parameter_loop(exclude):
+    """The fused (foreach) step equals the per-parameter rule over 3 steps, with a zero weight (trust 1),
+    a parameter without gradient (untouched) and parameters of different shapes."""
+    shapes = [(5, 3, 3, 3), (7, 4), (9,), (2, 2), (3,)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    with torch.no_grad():
+        ps[3].zero_()
+    idle = torch.nn.Parameter(torch.randn(4))
+    lr, m, wd, eta = 0.3, 0.9, 1e-2, 1e-3
+    opt = LARS([dict(params=[*ps, idle], weight_decay=wd, lars_exclude=exclude)], lr=lr, momentum=m,
+               weight_decay=wd, eta=eta)
+    ref_w, ref_v, idle0 = [p.detach().double().clone() for p in ps], [None] * len(ps), idle.detach().clone()
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref_w, ref_v = map(list, zip(*lars_loop_ref(ref_w, [g.double() for g in grads], ref_v, lr, m, wd, eta,
+                                                   exclude)))
+        for p, w in zip(ps, ref_w):
+            torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-6)
+    assert torch.equal(idle.detach(), idle0) and idle not in opt.state
+
+
 def test_param_groups_exclude_bias_and_norm():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
     g = param_groups([net], 1e-4)
