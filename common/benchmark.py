@@ -16,14 +16,19 @@
     ``ViewMaker`` replaced by ``_CachedViews``, which makes the views of the first batch
     once, returns them at every step and records the time of each call after a device
     sync; the interval between two calls is one iteration, augmentation excluded. The
-    encoder is then rebuilt from the same resolved config and timed on those views.
+    encoder is then rebuilt from the same resolved config and timed on those views. For the
+    four scripts with an EMA target (byol_uniform, byol_mhe, msbreg, raft) a second line adds
+    the target encoder's forward (no grad) over the same views to the bare cost: an encoder
+    pass every BYOL-style method needs (about a third of a fwd+bwd), so that line's ratio is
+    what heads, losses, regularisers, optimizer, EMA update and logging add to the encoder.
 (c) end-to-end epoch of ``byol_uniform`` on ``synthetic`` (data, augmentation, steps):
     ``data.on_device: true`` + batched augmentation vs a DataLoader with workers
     (``augment.path: cpu``, ``data.workers: 2``); the loader is wrapped (``_TimedLoader``) to
     time the last of two epochs from its first request to its exhaustion.
 
-Each ratio is the slow time over the fast one (or full over bare); timings are medians of
-``--repeats`` after ``--warmup`` steps. On a GPU the lines also give images/s and the full
+Each ratio is the slow time over the fast one (or full over bare); (a) and (c) times are medians
+of ``--repeats``, (b)'s the fastest of ``--repeats`` iterations after ``--warmup`` (noise on a
+shared machine only adds time, so the minimum is the stable estimate of a fixed amount of work). On a GPU the lines also give images/s and the full
 step's rate as a fraction of the encoder-only rate. ``--set`` passes config overrides to
 every script run of (b) and (c), e.g. ``precision=bf16`` or ``compile=true``.
 """
@@ -53,7 +58,7 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def timeit(fn, dev, repeats, warmup=1):
+def timeit(fn, dev, repeats, warmup=1, reduce=statistics.median):
     for _ in range(warmup):
         fn()
     times = []
@@ -63,7 +68,7 @@ def timeit(fn, dev, repeats, warmup=1):
         fn()
         _sync(dev)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return reduce(times)
 
 
 # ---------------------------------------------------------------------------- (a)
@@ -148,8 +153,9 @@ def _tiny(args, images):
 
 # ---------------------------------------------------------------------------- (b)
 def bench_step(name, args):
-    """Median time of one full iteration of ``name``'s loop and of a bare encoder forward+backward on the
-    same views, and the number of views."""
+    """Fastest time of one full iteration of ``name``'s loop, of a bare encoder forward+backward on the same
+    views, of the encoder's forward alone without grad (what an EMA target costs; None if the script has
+    no EMA target), and the number of views."""
     steps = args.warmup + args.repeats + 1  # n calls of the view maker = n - 1 measured iterations
     cfg, (views,), _ = run_script(name, [*_tiny(args, steps * args.batch), "data.on_device=true", "optim.epochs=1",
                                          f"checkpoint.stop_after_step={steps}"], cached_views=True)
@@ -167,7 +173,14 @@ def bench_step(name, args):
             y.float().sum().backward()
         encoder.zero_grad(set_to_none=True)
 
-    return statistics.median(iterations), timeit(encoder_step, dev, args.repeats, args.warmup), len(views.cache)
+    def target_forward():
+        with torch.no_grad(), amp:
+            for x in views.cache:
+                encoder(x)
+
+    has_target = hasattr(importlib.import_module(name), "EMA")
+    t_target = timeit(target_forward, dev, args.repeats, args.warmup, min) if has_target else None
+    return min(iterations), timeit(encoder_step, dev, args.repeats, args.warmup, min), t_target, len(views.cache)
 
 
 # ---------------------------------------------------------------------------- (c)
@@ -184,8 +197,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32, help="image size (synthetic data and views)")
     ap.add_argument("--batch", type=int, default=64, help="batch size of (a), (b), (c)")
-    ap.add_argument("--width", type=int, default=16, help="ResNet width for (b), (c) (64 = torchvision's)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats / steps (median)")
+    ap.add_argument("--width", type=int, default=64,
+                    help="ResNet width for (b), (c): 64 = torchvision's, the scripts' default; 16 for a quick run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats / steps ((a), (c): median; (b): fastest)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before (b)'s repeats")
     ap.add_argument("--epoch-images", type=int, default=1024, help="images per epoch in (c)")
     ap.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS, help="scripts for (b)")
@@ -209,16 +223,20 @@ def main(argv=None):
           flush=True)
 
     for name in args.scripts:
-        t_full, t_enc, k = bench_step(name, args)
+        t_full, t_enc, t_target, k = bench_step(name, args)
         rates = (f" | {args.batch / t_full:,.0f} vs {args.batch / t_enc:,.0f} img/s, full step at "
                  f"{t_enc / t_full:.0%} of the encoder-only rate" if gpu else "")
         print(f"(b) {name:<18} full step {t_full * 1e3:8.1f} ms | bare encoder fwd+bwd on the same {k} views "
-              f"{t_enc * 1e3:8.1f} ms | ratio {t_full / t_enc:.2f}x{rates}", flush=True)
+              f"{t_enc * 1e3:8.1f} ms{rates} | ratio {t_full / t_enc:.2f}x", flush=True)
+        if t_target is not None:
+            print(f"    {name:<18} + the EMA target's encoder forward {t_target * 1e3:.1f} ms: full step over "
+                  f"encoder fwd+bwd + target forward {(t_enc + t_target) * 1e3:.1f} ms | ratio "
+                  f"{t_full / (t_enc + t_target):.2f}x", flush=True)
 
     t_dev, t_loader = bench_epoch(args)
     rates = (f" | {args.epoch_images / t_dev:,.0f} vs {args.epoch_images / t_loader:,.0f} img/s" if gpu else "")
     print(f"(c) byol_uniform epoch of {args.epoch_images} images: data on device {t_dev:.2f} s | DataLoader, 2 "
-          f"workers, augment.path cpu {t_loader:.2f} s | ratio {t_loader / t_dev:.2f}x{rates}", flush=True)
+          f"workers, augment.path cpu {t_loader:.2f} s{rates} | ratio {t_loader / t_dev:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

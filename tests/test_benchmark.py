@@ -25,6 +25,9 @@ def test_benchmark_prints_positive_ratios(capsys):
     assert all(r > 0 for r in ratios.values()), ratios
     k8 = [line for line in lines if line.startswith("(a) augmentation, 8 MSBReg views")]
     assert len(k8) == 1 and float(re.search(r"K=8 costs ([0-9.]+)x the per-image K=2 time$", k8[0])[1]) > 0, lines
+    target = [line.split() for line in lines if line.startswith("    ")]  # EMA target lines under (b)
+    assert {t[0] for t in target} == {"byol_uniform", "byol_mhe", "msbreg", "raft"} and len(target) == 4, lines
+    assert all(t[-2] == "ratio" and float(t[-1].rstrip("x")) > 0 for t in target), lines
     for line in lines:  # the times and rates in each line parse and are positive too
         if line.startswith("("):
             numbers = [float(x.replace(",", "")) for x in re.findall(r"([0-9][0-9,]*\.?[0-9]*) (?:ms|s|img/s)\b", line)]
