@@ -108,6 +108,16 @@ def standardize(f, eps=1e-5, unbiased=True):
     return (f - mu) / torch.sqrt(var + eps)
 
 
+def gram_sq(W_p):
+    """||W_pᵀW_p||_F² (Eq. 19's ||M||² after expanding its square), value and gradient 4 W_p W_pᵀW_p from two
+    d x d x d products: G = W_p M is a constant, tr(W_pᵀG) = ||M||² has gradient G, scaled to 4G by
+    4 t - 3 t.detach() (autograd through M = W_pᵀW_p itself would take three products)."""
+    with torch.no_grad():
+        G = W_p @ (W_p.T @ W_p)
+    t = (W_p * G).sum()
+    return 4 * t - 3 * t.detach()
+
+
 def correlation_term(p, W_p, k, wtw_sq=None):
     """(Decorr, Eq. 19) Σ_{i=1..k} ||W_pᵀW_p - W_p(F_iF_iᵀ)W_pᵀ||_F² over the rows of p = W_p f̄ [m, d].
 
@@ -124,7 +134,7 @@ def correlation_term(p, W_p, k, wtw_sq=None):
     if n_ >= d:
         M = W_p.T @ W_p
         return (M - parts.mT @ parts / n_).pow(2).sum()
-    wtw_sq = (W_p.T @ W_p).pow(2).sum() if wtw_sq is None else wtw_sq
+    wtw_sq = gram_sq(W_p) if wtw_sq is None else wtw_sq
     cross = (p @ W_p.T).pow(2).sum() / n_  # Σ_i tr(M C_i)
     gram = (parts @ parts.mT).pow(2).sum() / n_ ** 2  # Σ_i ||C_i||²
     return k * wtw_sq - 2 * cross + gram
@@ -153,7 +163,7 @@ def decorr_loss(f1, f2, W_p, b, k, c_inv, c_cov, stopgrad=False, inv_norm="frobe
     """(Decorr, Eq. 19, §4.2) L(F¹→F²) + L(F²→F¹): this process's shares of c_inv·(invariance) and
     c_cov/d·(correlation); ``inv_norm="mse"`` divides the invariance by d (authors' code)."""
     d = f1.shape[1]
-    wtw_sq = (W_p.T @ W_p).pow(2).sum()  # ||W_pᵀW_p||_F²: one d³ product per step, not per direction
+    wtw_sq = gram_sq(W_p)  # ||W_pᵀW_p||_F²: once per step, not per direction
     inv12, cov12 = direction_loss(f1, f2, W_p, b, k, stopgrad, wtw_sq)
     inv21, cov21 = direction_loss(f2, f1, W_p, b, k, stopgrad, wtw_sq)
     inv = (inv12 + inv21) / (d if inv_norm == "mse" else 1)

@@ -112,6 +112,19 @@ def test_correlation_term_value_and_gradients_match_float64_literal(n, d, k):
     torch.testing.assert_close(dn.correlation_term(p, W, k, (W.T @ W).pow(2).sum()), got)
 
 
+def test_gram_sq_value_and_gradient_match_float64():
+    """||W_pᵀW_p||_F² and its gradient 4 W_p W_pᵀW_p (two products and a detach trick) against autograd in float64."""
+    W = (torch.randn(12, 12) / 3).requires_grad_()
+    got = dn.gram_sq(W)
+    got.backward()
+    Wd = W.detach().double().requires_grad_()
+    ref = ((Wd.T @ Wd) ** 2).sum()
+    ref.backward()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(W.grad.double(), Wd.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(W.grad.double(), 4 * Wd @ Wd.T @ Wd, rtol=1e-4, atol=1e-5, check_dtype=False)
+
+
 def test_one_partition_is_eq17_and_partitions_change_the_loss():
     n, d = 20, 5
     z1, W = fresh(n, d)
