@@ -84,7 +84,9 @@ def hyperspherical_energy(weight, power="a2"):
         w = neurons(weight).float()
         n = w.shape[0]
         w_hat = w / torch.sqrt((w * w).sum(1, keepdim=True) + NORM_EPS)  # ŵ = w/||w||, ||w|| = sqrt(Σw² + 1e-4)
-        cos = (w_hat @ w_hat.T).clamp(-1 + COS_EPS, 1 - COS_EPS)  # ŵ_iᵀŵ_j, N x N
+        cos = w_hat @ w_hat.T  # ŵ_iᵀŵ_j, N x N
+        cos.diagonal().zero_()  # i = j is not a pair: a finite constant there, no gradient (no N x N mask)
+        cos = cos.clamp(-1 + COS_EPS, 1 - COS_EPS)
         s = int(power[-1])
         if power.startswith("a"):  # (Eq. 11) geodesic distance θ_ij
             theta = torch.arccos(cos) + THETA_EPS
@@ -92,8 +94,7 @@ def hyperspherical_energy(weight, power="a2"):
         else:  # (Eq. 8) Euclidean distance via ||ŵ_i - ŵ_j||² = 2 - 2cos
             dist2 = 2 - 2 * cos
             r = -0.5 * torch.log(dist2) if s == 0 else dist2.pow(-s / 2)
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=w.device)
-        return torch.where(off_diagonal, r, 0.0).sum() / (n * (n - 1))  # Σ_{i≠j} / (N(N-1))  (Eq. 10)
+        return (r.sum() - r.diagonal().sum()) / (n * (n - 1))  # Σ_{i≠j} / (N(N-1))  (Eq. 10)
 
 
 def mhe_layers(online, parts):

@@ -61,8 +61,10 @@ def test_energy_matches_float64_double_loop_linear_and_conv(power):
         got = bm.hyperspherical_energy(layer.weight, power).item()
         # the SPEC numerics, tight
         assert got == pytest.approx(energy_ref(layer.weight, power), rel=2e-5, abs=1e-6)
-        # the equation as printed: differs only by the epsilons (θ + 1e-4 moves θ^-2 by ~1e-4 relative)
-        assert got == pytest.approx(energy_ref(layer.weight, power, paper_exact=True), rel=1e-3, abs=1e-4)
+        # the equation as printed: differs only by the epsilons (θ + 1e-4, ||w||'s 1e-4, the cos clamp); for a
+        # nearly coinciding pair of neurons they move E_s by up to ~2% (measured over 400 draws: 1.8e-2 for a2,
+        # 1.7e-2 for 2, ≤ 4.2e-3 otherwise), so the bound is 5e-2: a wrong power or pairing is off by far more
+        assert got == pytest.approx(energy_ref(layer.weight, power, paper_exact=True), rel=5e-2, abs=1e-4)
         # the normalisation is by N(N-1) ordered pairs (Eq. 10): the plain double-loop sum, undivided
         total = energy_ref(layer.weight, power) * n * (n - 1)
         assert got * n * (n - 1) == pytest.approx(total, rel=2e-5, abs=1e-5)
