@@ -1,7 +1,7 @@
 """Speed ratios, measured side by side in one run on the current device.
 
-    python -m common.benchmark                                   # ~2-3 min on 2 CPU cores
-    python -m common.benchmark --width 64 --batch 256 --epoch-images 20000 --repeats 20   # a GPU
+    python -m common.benchmark                                   # ~8 min on 2 CPU cores (--width 16: ~2)
+    python -m common.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
     python -m common.benchmark --set precision=bf16 channels_last=true compile=true       # options on
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
