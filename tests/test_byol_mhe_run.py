@@ -2,45 +2,22 @@
 accumulation, DDP equivalence, exact resume, one clear error for bad MHE settings, every paper row's
 command resolves, and (slow) the quickstart's learning check."""
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 import byol_mhe as bm
 from common.config import parse
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "byol_mhe.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
         "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, name="r", check=True, config=QUICK, tiny=True, timeout=600):
-    cmd = [sys.executable, str(ROOT / "byol_mhe.py"), "--config", str(config), "--set",
-           f"out_dir={tmp_path}", f"name={name}", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                       stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (tmp_path / "byol_mhe" / name / "metrics.jsonl").read_text().splitlines()]
-
-
-def params(tmp_path, name):
-    return torch.load(tmp_path / "byol_mhe" / name / "checkpoints" / "last.pt", weights_only=True)
+S = Script("byol_mhe", TINY)
+run, metrics, params = S.run, S.metrics, S.checkpoint
 
 
 def test_smoke_run_writes_every_output_and_logs_each_layers_energy(tmp_path):
@@ -77,44 +54,20 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes: the MHE term (the same on every rank) plus DDP's
     gradient average equals the one-process gradient."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.1", "mhe.layers=[encoder,projector]"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [(m["loss"], m["loss_mhe"]) for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [(m["loss"], m["loss_mhe"]) for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
-    a, b = params(tmp_path, "one"), params(tmp_path, "two")
-    for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{k}: {m}")
+    S.assert_two_processes_equal_one(tmp_path, *common, keys=("loss", "loss_mhe"))
 
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for part in ("online", "target"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
-    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
-
-
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
+    S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
 
 
 def test_bad_mhe_settings_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "mhe.power=3", check=False))
+    line = one_clear_line(run(tmp_path, "mhe.power=3", check=False))
     assert "mhe.power" in line and "a0, a1, a2" in line
-    line = _one_clear_line(run(tmp_path, "mhe.layers=[projector,decoder]", check=False))
+    line = one_clear_line(run(tmp_path, "mhe.layers=[projector,decoder]", check=False))
     assert "mhe.layers" in line and "encoder, projector, predictor" in line
-    line = _one_clear_line(run(tmp_path, "mhe.wieght=1", check=False))
+    line = one_clear_line(run(tmp_path, "mhe.wieght=1", check=False))
     assert "mhe.wieght" in line and "Did you mean 'mhe.weight'" in line
 
 
@@ -122,7 +75,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, name="n")
     ck = tmp_path / "byol_mhe" / "n" / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 

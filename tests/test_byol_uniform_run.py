@@ -1,39 +1,17 @@
 """byol_uniform.py end to end as a user runs it (subprocesses): smoke run, DDP equivalence,
 exact resume, and one clear error for each kind of bad input."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "byol_uniform.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
         "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, name="r", check=True):
-    cmd = [sys.executable, str(ROOT / "byol_uniform.py"), "--config", str(QUICK), "--set",
-           f"out_dir={tmp_path}", f"name={name}", *TINY, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (tmp_path / "byol_uniform" / name / "metrics.jsonl").read_text().splitlines()]
-
-
-def params(tmp_path, name):
-    return torch.load(tmp_path / "byol_uniform" / name / "checkpoints" / "last.pt", weights_only=True)
+S = Script("byol_uniform", TINY)
+run, metrics, params = S.run, S.metrics, S.checkpoint
 
 
 def test_smoke_run_writes_every_output(tmp_path):
@@ -56,49 +34,25 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     Losses: relative 1e-4. Parameters: relative 1e-4 or absolute 1e-4 (weights are O(1); biases start at 0,
     where the two processes' different summation order leaves ~5e-5 of round-off in near-cancelling sums)."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.1"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [m["loss"] for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [m["loss"] for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
-    a, b = params(tmp_path, "one"), params(tmp_path, "two")
-    for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-4,
-                                   msg=lambda m: f"{k}: {m}")
+    S.assert_two_processes_equal_one(tmp_path, *common, param_atol=1e-4)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_exact_resume_equals_uninterrupted_run(tmp_path, nproc):
     """Bit-exact, also with 2 processes, where only rank 0 writes the checkpoint (augmentations included)."""
     more = ["optim.epochs=2", "eval.linear=none", f"dist.nproc={nproc}"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for part in ("online", "target"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
-    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
-
-
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
+    S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "optim.lrr=0.1", check=False))
+    line = one_clear_line(run(tmp_path, "optim.lrr=0.1", check=False))
     assert "optim.lrr" in line and "Valid keys under 'optim'" in line
-    line = _one_clear_line(run(tmp_path, "optim.epochs=many", check=False))
+    line = one_clear_line(run(tmp_path, "optim.epochs=many", check=False))
     assert "'optim.epochs' expects int" in line
-    line = _one_clear_line(run(tmp_path, "data.name=cifar10", f"data.root={tmp_path / 'nodata'}", check=False))
+    line = one_clear_line(run(tmp_path, "data.name=cifar10", f"data.root={tmp_path / 'nodata'}", check=False))
     assert str(tmp_path / "nodata") in line and "data.download" in line
     (tmp_path / "blocker").write_text("a file, not a folder")
-    line = _one_clear_line(run(tmp_path, f"out_dir={tmp_path / 'blocker' / 'runs'}", check=False))
+    line = one_clear_line(run(tmp_path, f"out_dir={tmp_path / 'blocker' / 'runs'}", check=False))
     assert "cannot write the run folder" in line
 
 
@@ -106,15 +60,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, name="n")  # one good epoch, checkpoint written
     ck = tmp_path / "byol_uniform" / "n" / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
-                               name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
+                              name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 
 
 def test_resume_with_another_model_is_refused(tmp_path):
     run(tmp_path, "checkpoint.stop_after_step=2", name="m")
-    line = _one_clear_line(run(tmp_path, "resume=auto", "model.width=16", name="m", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "model.width=16", name="m", check=False))
     assert "model=" in line and "config.yaml" in line
 
 
@@ -122,6 +76,6 @@ def test_corrupt_checkpoint_stops_and_is_left_alone(tmp_path):
     ck = tmp_path / "byol_uniform" / "c" / "checkpoints" / "last.pt"
     ck.parent.mkdir(parents=True)
     ck.write_bytes(b"\x00garbage")
-    line = _one_clear_line(run(tmp_path, "resume=auto", name="c", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", name="c", check=False))
     assert "corrupt" in line and str(ck) in line
     assert ck.read_bytes() == b"\x00garbage"

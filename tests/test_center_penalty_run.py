@@ -1,49 +1,17 @@
 """center_penalty.py end to end as a user runs it (subprocesses): image smoke runs, toy runs, DDP equivalence,
 exact resume, one clear error per bad input; slow: the synthetic learning check and the toy collapse study."""
-import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "center_penalty.yaml"
 TOYS = ROOT / "configs" / "center_penalty"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=8", "optim.batch_size=32", "optim.epochs=1", "eval.linear_epochs=2"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, config=QUICK, name="r", tiny=True, check=True, timeout=600, threads="1"):
-    cmd = [sys.executable, str(ROOT / "center_penalty.py"), "--config", str(config), "--set",
-           f"out_dir={tmp_path}", f"name={name}", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                       stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def folder(tmp_path, name):
-    return tmp_path / "center_penalty" / name
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (folder(tmp_path, name) / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(tmp_path, name):
-    return json.loads((folder(tmp_path, name) / "summary.json").read_text())
-
-
-def params(tmp_path, name):
-    return torch.load(folder(tmp_path, name) / "checkpoints" / "last.pt", weights_only=True)
+S = Script("center_penalty", TINY)
+run, folder, metrics, summary, params = S.run, S.folder, S.metrics, S.summary, S.checkpoint
 
 
 @pytest.mark.parametrize("variant", ["center_penalty", "simsiam"])
@@ -84,52 +52,29 @@ def test_toy_runs_average_seeds_and_log_s_every_step(tmp_path):
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes: Gloo SyncBN and s over the global batch."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.05"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [(m["loss"], m["s_norm"]) for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [(m["loss"], m["s_norm"]) for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
-    a, b = params(tmp_path, "one"), params(tmp_path, "two")
-    for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda msg: f"{k}: {msg}")
+    S.assert_two_processes_equal_one(tmp_path, *common, keys=("loss", "s_norm"))
 
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none", "loss.variant=simsiam"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for k in a["online"]:
-        assert torch.equal(a["online"][k], b["online"][k]), f"online.{k} differs after resume"
+    a, b = S.assert_resume_exact(tmp_path, *more)  # stopped mid-epoch 0 (4 steps/epoch)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
-
-
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "loss.variant=simsiam_no_ema", check=False))
+    line = one_clear_line(run(tmp_path, "loss.variant=simsiam_no_ema", check=False))
     assert "loss.variant" in line and "simsiam_no_predictor" in line
-    line = _one_clear_line(run(tmp_path, "toy.dataset=spirals", config=TOYS / "toy_blobs.yaml", tiny=False,
-                               check=False))
+    line = one_clear_line(run(tmp_path, "toy.dataset=spirals", config=TOYS / "toy_blobs.yaml", tiny=False,
+                              check=False))
     assert "toy.dataset" in line and "app_b1" in line
-    line = _one_clear_line(run(tmp_path, "dist.nproc=2", config=TOYS / "toy_blobs.yaml", tiny=False, check=False))
+    line = one_clear_line(run(tmp_path, "dist.nproc=2", config=TOYS / "toy_blobs.yaml", tiny=False, check=False))
     assert "dist.nproc=1" in line
     toy = ["toy.seeds=[0]", "toy.n_per_class=20", "optim.batch_size=20", "optim.epochs=1"]
     run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False)
     before = (folder(tmp_path, "t") / "metrics.jsonl").read_text()
-    line = _one_clear_line(run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False, check=False))
+    line = one_clear_line(run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False, check=False))
     assert "already holds a toy run" in line and (folder(tmp_path, "t") / "metrics.jsonl").read_text() == before
-    line = _one_clear_line(run(tmp_path, "optim.batch_size=512", name="big", check=False))
+    line = one_clear_line(run(tmp_path, "optim.batch_size=512", name="big", check=False))
     assert "lower optim.batch_size" in line
 
 
@@ -137,7 +82,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, name="n")  # one good epoch, checkpoint written
     ck = folder(tmp_path, "n") / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 

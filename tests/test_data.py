@@ -12,13 +12,7 @@ from common import data
 from common.config import Cfg, UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensor work: one thread is faster than two fighting other jobs for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cfg(**kw):

@@ -1,11 +1,6 @@
 """decorr_nostopgrad.py end to end as a user runs it (subprocesses): smoke run with its diagnostics, DDP
 equivalence (per-device partitions and partitions spanning devices), exact resume, clear errors, the
 configs, and (slow) the learning check and the Tab. 3 collapse rows at quickstart scale."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,40 +8,14 @@ import torch
 import decorr_nostopgrad as dn
 from common.config import parse
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "decorr_nostopgrad.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "optim.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0",
         "eval.linear_epochs=2", "log.every=1", "loss.partitions=4"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, name="r", check=True, tiny=True, timeout=600, threads="1"):
-    cmd = [sys.executable, str(ROOT / "decorr_nostopgrad.py"), "--config", str(QUICK), "--set",
-           f"out_dir={tmp_path}", f"name={name}", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                       stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def rundir(tmp_path, name):
-    return tmp_path / "decorr_nostopgrad" / name
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (rundir(tmp_path, name) / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(tmp_path, name):
-    return json.loads((rundir(tmp_path, name) / "summary.json").read_text())
-
-
-def ckpt(tmp_path, name):
-    return torch.load(rundir(tmp_path, name) / "checkpoints" / "last.pt", weights_only=True)
+S = Script("decorr_nostopgrad", TINY)
+run, rundir, metrics, summary, ckpt = S.run, S.folder, S.metrics, S.summary, S.checkpoint
 
 
 def test_smoke_run_writes_outputs_diagnostics_and_W_p(tmp_path):
@@ -75,48 +44,25 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, k):
     A small lr: after one step the weights agree to ~1e-6, but at lr 0.1 the BN parameters (plain SGD,
     gradients on the scale of c_inv·d) amplify that round-off to ~3e-2 by step 3."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.01", f"loss.partitions={k}"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [m["loss"] for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [m["loss"] for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
-    a, b = ckpt(tmp_path, "one"), ckpt(tmp_path, "two")
-    for key in a["online"]:
-        torch.testing.assert_close(b["online"][key].float(), a["online"][key].float(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{key}: {m}")
+    S.assert_two_processes_equal_one(tmp_path, *common)
 
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = ckpt(tmp_path, "full"), ckpt(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for key in a["online"]:
-        assert torch.equal(a["online"][key], b["online"][key]), f"online.{key} differs after resume"
-    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
-
-
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
+    S.assert_resume_exact(tmp_path, *more)  # stopped mid-epoch 0 (4 steps/epoch)
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "loss.c_invv=1", check=False))
+    line = one_clear_line(run(tmp_path, "loss.c_invv=1", check=False))
     assert "loss.c_invv" in line and "Did you mean 'loss.c_inv'" in line
-    line = _one_clear_line(run(tmp_path, "loss.std_var=sample", check=False))
+    line = one_clear_line(run(tmp_path, "loss.std_var=sample", check=False))
     assert "loss.std_var" in line and "unbiased" in line
-    line = _one_clear_line(run(tmp_path, "loss.partitions=5", check=False))  # 32 images do not split into 5
+    line = one_clear_line(run(tmp_path, "loss.partitions=5", check=False))  # 32 images do not split into 5
     assert "loss.partitions=5" in line and "optim.batch_size=32" in line
     ck = rundir(tmp_path, "c") / "checkpoints" / "last.pt"
     ck.parent.mkdir(parents=True)
     ck.write_bytes(b"\x00garbage")
-    line = _one_clear_line(run(tmp_path, "resume=auto", name="c", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", name="c", check=False))
     assert "corrupt" in line and ck.read_bytes() == b"\x00garbage"
 
 
@@ -124,8 +70,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, "eval.linear=none", name="n")  # one good epoch, checkpoint written
     ck = rundir(tmp_path, "n") / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
-                               name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
+                              name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 

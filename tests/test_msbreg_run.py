@@ -2,10 +2,6 @@
 (global-batch covariance, process-count-independent Brownian noise), exact resume (the noise stream is in the
 checkpoint), clear errors; every shipped config and sweep line resolves; (slow) the quickstart's learning check."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,31 +10,14 @@ import yaml
 import msbreg as ms
 from common.config import parse
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "msbreg.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
         "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, name="r", check=True, tiny=True):
-    cmd = [sys.executable, str(ROOT / "msbreg.py"), "--config", str(QUICK), "--set",
-           f"out_dir={tmp_path}", f"name={name}", "log.progress=false", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (tmp_path / "msbreg" / name / "metrics.jsonl").read_text().splitlines()]
-
-
-def params(tmp_path, name):
-    return torch.load(tmp_path / "msbreg" / name / "checkpoints" / "last.pt", weights_only=True)
+S = Script("msbreg", TINY, extra=["log.progress=false"])
+run, metrics, params = S.run, S.metrics, S.checkpoint
 
 
 def test_smoke_run_writes_every_output_and_logs_each_term(tmp_path):
@@ -68,49 +47,24 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     Brownian noise per image (drawn for the global batch, rank r keeps rows r, r+2, ...). λ_s raised so the
     covariance term matters. A moderate lr: see tests/test_byol_uniform_run.py on round-off growth."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.025", "loss.K=2", "loss.lambda_s=0.05"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [m for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [m for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    for key in ("loss", "loss_c", "loss_s", "loss_b"):
-        torch.testing.assert_close(torch.tensor([m[key] for m in two]), torch.tensor([m[key] for m in one]),
-                                   rtol=1e-4, atol=1e-5, msg=lambda msg: f"{key}: {msg}")
-    a, b = params(tmp_path, "one"), params(tmp_path, "two")
-    for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{k}: {m}")
+    a, b = S.assert_two_processes_equal_one(tmp_path, *common, keys=("loss", "loss_c", "loss_s", "loss_b"),
+                                            atol=1e-5)
     assert torch.equal(a["noise"]["generator"], b["noise"]["generator"])
 
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none", "loss.K=2"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for part in ("online", "target"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    a, b = S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
     assert torch.equal(a["noise"]["generator"], b["noise"]["generator"])
-    assert [m for m in metrics(tmp_path, "cut") if "loss" in m] == [m for m in metrics(tmp_path, "full") if "loss" in m]
-
-
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "loss.K=1", check=False))
+    line = one_clear_line(run(tmp_path, "loss.K=1", check=False))
     assert "loss.K=1" in line
-    line = _one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
+    line = one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
     assert "loss.centroid=false" in line
     run(tmp_path, "checkpoint.stop_after_step=1", "loss.K=2", name="k")
-    line = _one_clear_line(run(tmp_path, "resume=auto", "loss.K=4", name="k", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "loss.K=4", name="k", check=False))
     assert "loss.K=2" in line and "config.yaml" in line
 
 

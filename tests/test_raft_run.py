@@ -1,11 +1,6 @@
 """raft.py end to end as a user runs it (subprocesses): smoke runs for RAFT and BYOL, the per-epoch Tab. 1
 metrics, exact resume, DDP equivalence, the seed list, one clear error for bad input, every paper config, and
 (slow) the quickstart's learning check."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,35 +8,14 @@ import torch
 import raft
 from common.config import UserError, _parse, parse
 
-ROOT = Path(__file__).resolve().parents[1]
+from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+
 QUICK = ROOT / "configs" / "quickstart" / "raft.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
         "eval.linear_epochs=2", "log.every=1"]
-FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
-               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
-
-
-def run(tmp_path, *overrides, name="r", check=True, tiny=True):
-    cmd = [sys.executable, str(ROOT / "raft.py"), "--config", str(QUICK), "--set", f"out_dir={tmp_path}",
-           f"name={name}", *(TINY if tiny else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def metrics(tmp_path, name):
-    return [json.loads(x) for x in (tmp_path / "raft" / name / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(tmp_path, name):
-    return json.loads((tmp_path / "raft" / name / "summary.json").read_text())
-
-
-def params(tmp_path, name):
-    return torch.load(tmp_path / "raft" / name / "checkpoints" / "last.pt", weights_only=True)
+S = Script("raft", TINY, timeout=900)
+run, metrics, summary, params = S.run, S.metrics, S.summary, S.checkpoint
 
 
 @pytest.mark.parametrize("objective,predictor", [("raft", "mlp"), ("byol", "linear")])
@@ -69,14 +43,7 @@ def test_smoke_run_writes_every_output(tmp_path, objective, predictor):
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none", "loss.tangential=true", "model.same_init=false"]
-    run(tmp_path, *more, name="full")
-    run(tmp_path, *more, "checkpoint.stop_after_step=3", name="cut")  # stopped mid-epoch 0 (4 steps/epoch)
-    run(tmp_path, *more, "resume=auto", name="cut")
-    a, b = params(tmp_path, "full"), params(tmp_path, "cut")
-    assert a["counters"]["step"] == b["counters"]["step"] == 8
-    for part in ("online", "target"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
     assert metrics(tmp_path, "cut") == metrics(tmp_path, "full")
     sa, sb = summary(tmp_path, "full"), summary(tmp_path, "cut")
     assert sa["align_qf_last10"] == sb["align_qf_last10"] and sa["uniform_f_last10"] == sb["uniform_f_last10"]
@@ -98,16 +65,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     SGD, not the quickstart's Adam: Adam divides the round-off-level gradient of the projector's bias before
     BN (zero in exact arithmetic) by its own tiny running norm, which turns float noise into lr-sized steps."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.name=sgd", "optim.lr=0.05"]
-    run(tmp_path, *common, name="one")
-    run(tmp_path, *common, "dist.nproc=2", name="two")
-    one = [[m["loss"], m["loss_align"], m["loss_cross"]] for m in metrics(tmp_path, "one") if "loss" in m]
-    two = [[m["loss"], m["loss_align"], m["loss_cross"]] for m in metrics(tmp_path, "two") if "loss" in m]
-    assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
-    a, b = params(tmp_path, "one"), params(tmp_path, "two")
-    for k in a["online"]:
-        torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"{k}: {m}")
+    S.assert_two_processes_equal_one(tmp_path, *common, keys=("loss", "loss_align", "loss_cross"), atol=1e-5)
 
 
 def test_seed_list_runs_each_seed_and_summarises(tmp_path):
@@ -120,17 +78,10 @@ def test_seed_list_runs_each_seed_and_summarises(tmp_path):
     assert "align_qf_last10" in agg and "uniform_f_last10" in agg
 
 
-def _one_clear_line(p):
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
-    return err[0]
-
-
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = _one_clear_line(run(tmp_path, "loss.beta=-1", check=False))  # Tab. 3's notation given to Eq. 11's β
+    line = one_clear_line(run(tmp_path, "loss.beta=-1", check=False))  # Tab. 3's notation given to Eq. 11's β
     assert "loss.beta" in line and "objective=raft beta=1" in line
-    line = _one_clear_line(run(tmp_path, "model.predictor=linar", check=False))
+    line = one_clear_line(run(tmp_path, "model.predictor=linar", check=False))
     assert "model.predictor" in line and "linear_identity_init" in line
     for bad, words in (("loss.objective=byol_primes", ("loss.objective", "byol_prime")),
                        ("loss.tangental=true", ("loss.tangental", "Did you mean 'loss.tangential'")),
@@ -144,8 +95,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, "eval.linear=none", name="n")  # one good epoch, checkpoint written
     ck = tmp_path / "raft" / "n" / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = _one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
-                               name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
+                              name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 

@@ -15,12 +15,7 @@ TINY = ["device=cpu", "data.synthetic.train_size=64", "data.synthetic.test_size=
         "model.pred_hidden=64", "optim.batch_size=32", "optim.epochs=1", "log.every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _bf16_autocast_on_cpu():

@@ -1,0 +1,86 @@
+"""Running a method script as a user does (a subprocess, no stdin) and reading its run folder; shared by the
+tests/test_<method>_run.py files, with the checks every script must pass in the same way (one clear error
+line, 1 vs 2 processes, exact resume)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# views that are the (un-augmented) images: the same global batch whatever the process count
+FIXED_VIEWS = ["augment.crop_scale=[1,1]", "augment.crop_ratio=[1,1]", "augment.flip_p=0", "augment.jitter_p=0",
+               "augment.gray_p=0", "augment.blur_p=[0]", "augment.solarize_p=[0]"]
+
+
+def one_clear_line(p):
+    """A run stopped by bad input: exit status 2 and exactly one line ``error: ...`` on stderr, no traceback."""
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-2000:]
+    return err[0]
+
+
+class Script:
+    """``python <method>.py --config <config> --set out_dir=... name=... <tiny> <overrides>`` and its outputs."""
+
+    def __init__(self, method, tiny, config=None, extra=(), timeout=600):
+        self.method, self.tiny, self.extra, self.timeout = method, list(tiny), list(extra), timeout
+        self.config = config or ROOT / "configs" / "quickstart" / f"{method}.yaml"
+
+    def run(self, tmp_path, *overrides, name="r", check=True, config=None, tiny=True, timeout=None, threads="1"):
+        cmd = [sys.executable, str(ROOT / f"{self.method}.py"), "--config", str(config or self.config), "--set",
+               f"out_dir={tmp_path}", f"name={name}", *self.extra, *(self.tiny if tiny else []), *overrides]
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout or self.timeout, env=env,
+                           stdin=subprocess.DEVNULL)
+        if check:
+            assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    def folder(self, tmp_path, name):
+        return tmp_path / self.method / name
+
+    def metrics(self, tmp_path, name):
+        return [json.loads(x) for x in (self.folder(tmp_path, name) / "metrics.jsonl").read_text().splitlines()]
+
+    def steps(self, tmp_path, name):
+        """The per-step records (those with a loss) of metrics.jsonl."""
+        return [m for m in self.metrics(tmp_path, name) if "loss" in m]
+
+    def summary(self, tmp_path, name):
+        return json.loads((self.folder(tmp_path, name) / "summary.json").read_text())
+
+    def checkpoint(self, tmp_path, name):
+        return torch.load(self.folder(tmp_path, name) / "checkpoints" / "last.pt", weights_only=True)
+
+    def assert_two_processes_equal_one(self, tmp_path, *overrides, keys=("loss",), steps=3, atol=1e-6, param_atol=1e-5):
+        """The same run with 1 and with 2 processes (``dist.nproc``): the logged ``keys`` of each of ``steps``
+        steps and every online tensor agree to float round-off. Returns both checkpoints (one, two)."""
+        self.run(tmp_path, *overrides, name="one")
+        self.run(tmp_path, *overrides, "dist.nproc=2", name="two")
+        one = [[m[k] for k in keys] for m in self.steps(tmp_path, "one")]
+        two = [[m[k] for k in keys] for m in self.steps(tmp_path, "two")]
+        assert len(one) == len(two) == steps
+        torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=atol)
+        a, b = self.checkpoint(tmp_path, "one"), self.checkpoint(tmp_path, "two")
+        for k in a["online"]:
+            torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=param_atol,
+                                       msg=lambda m: f"{k}: {m}")
+        return a, b
+
+    def assert_resume_exact(self, tmp_path, *overrides, parts=("online",), steps=8):
+        """Stopped after step 3 (mid-epoch) and resumed vs uninterrupted: bit-equal tensors of every part in
+        ``parts`` and the same per-step log. Returns both checkpoints (uninterrupted, resumed)."""
+        self.run(tmp_path, *overrides, name="full")
+        self.run(tmp_path, *overrides, "checkpoint.stop_after_step=3", name="cut")
+        self.run(tmp_path, *overrides, "resume=auto", name="cut")
+        a, b = self.checkpoint(tmp_path, "full"), self.checkpoint(tmp_path, "cut")
+        assert a["counters"]["step"] == b["counters"]["step"] == steps
+        for part in parts:
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+        assert self.steps(tmp_path, "cut") == self.steps(tmp_path, "full")
+        return a, b
