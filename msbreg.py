@@ -17,7 +17,7 @@ Choices where the paper leaves room (see README "msbreg" for the full list):
   sentence before Eq. 5 speaks of "the projections p̂").
 - Brownian noise comes from its own seeded generator (saved in every checkpoint: exact resume). Every
   process draws the *global* batch's noise [batch_size, d] from the same stream and keeps the rows of its
-  own images (rank r holds global rows r, r+W, ...: ``common.data.ResumableSampler``'s split), so the
+  own images (rank r holds global rows r, r+W, ...: ``common.loaders.ResumableSampler``'s split), so the
   noise an image gets does not depend on the number of processes.
 - Each view is a separate forward (per-view BatchNorm statistics, as BYOL's two views).
 - ``loss.centroid: false`` (K = 2 only) replaces Eq. 3 by BYOL's Eq. 1, symmetrised and averaged over
@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, log
+from common import checkpoint, data, dist, loaders, log
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
@@ -162,8 +162,8 @@ def train(cfg):
     ssl_set = data.load(cfg.data, "ssl")
     mean, std = data.stats(cfg.data.name)
     views = ViewMaker(cfg.augment, K, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = data.eval_loaders(cfg)
+    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = loaders.eval_loaders(cfg)
     accum = cfg.optim.accum_steps
     steps_per_epoch = len(loader) // accum
     total_steps = cfg.optim.epochs * steps_per_epoch

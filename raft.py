@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, log
+from common import checkpoint, data, dist, loaders, log
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
@@ -179,8 +179,8 @@ def train(cfg):
     ssl_set = data.load(cfg.data, "ssl")
     mean, std = data.stats(cfg.data.name)
     views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = data.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = data.eval_loaders(cfg)
+    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
+    eval_loaders = loaders.eval_loaders(cfg)
     accum = cfg.optim.accum_steps
     steps_per_epoch = len(loader) // accum
     total_steps = cfg.optim.epochs * steps_per_epoch

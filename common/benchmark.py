@@ -45,7 +45,7 @@ from unittest import mock
 
 import torch
 
-from common import data
+from common import data, loaders
 from common.augment import ViewMaker, cpu_view, view_specs
 from common.config import BASE, Cfg, parse
 from common.models import maybe_compile, resnet
@@ -135,9 +135,9 @@ def run_script(name, overrides, cached_views=False, time_epochs=False):
         if cached_views:
             stack.enter_context(mock.patch.object(script, "ViewMaker", functools.partial(_CachedViews, made)))
         if time_epochs:
-            loader = data.train_loader
+            loader = loaders.train_loader
             timed = lambda *a: (lambda ld, s: (_TimedLoader(ld, a[3], epochs), s))(*loader(*a))  # noqa: E731
-            stack.enter_context(mock.patch.object(data, "train_loader", timed))
+            stack.enter_context(mock.patch.object(loaders, "train_loader", timed))
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         torch.compiler.reset()  # with compile=true: no compiled code or recompile budget carried between runs
         script.train(cfg)

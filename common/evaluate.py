@@ -243,7 +243,7 @@ def feature_std(z):
 def monitor(encoder, loaders, device, eval_cfg, views=None):
     """The per-eval metrics every script logs.
 
-    ``loaders``: ``{"train", "test", "num_classes"}`` from ``data.eval_loaders`` (un-augmented).
+    ``loaders``: ``{"train", "test", "num_classes"}`` from ``loaders.eval_loaders`` (un-augmented).
     Weighted kNN at each ``eval_cfg.knn_k`` (T = ``eval_cfg.knn_t``, cosine, train set as memory bank)
     on encoder features; uniformity (t=2, on up to 2048 test features), centre-vector norm and the
     collapse indicator ``feature_std`` of the test features; and, given ``views=(x1, x2)`` (two augmented

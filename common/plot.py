@@ -142,7 +142,7 @@ def s1_features(run):
     """(angles [N] of the eval-set backbone features on S¹, labels [N]) from ``checkpoints/last.pt``:
     the online encoder f rebuilt from config.yaml, features PCA'd to 2-D, then l2-normalised."""
     import torch
-    from common import checkpoint, data
+    from common import checkpoint, loaders
     from common.config import BASE, Cfg, merge
     from common.evaluate import extract_features
     from common.models import resnet
@@ -154,7 +154,7 @@ def s1_features(run):
     f = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
     f.load_state_dict({k[2:]: v for k, v in state["online"].items() if k.startswith("f.")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    feats, labels = extract_features(f.to(device), data.eval_loaders(cfg)["test"], device)
+    feats, labels = extract_features(f.to(device), loaders.eval_loaders(cfg)["test"], device)
     feats = (feats - feats.mean(0)).double()
     xy = feats @ torch.linalg.svd(feats, full_matrices=False).Vh[:2].T  # PCA: the top-2 principal directions
     xy = xy / xy.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import data
+from common import data, loaders
 from common.config import Cfg, UserError
 
 
@@ -237,8 +237,8 @@ def _epoch(on_device, rank, world, epoch, skip, monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: world)
     monkeypatch.setattr(dist, "rank", lambda: rank)
     c = _run_cfg(on_device)
-    loader, sampler = data.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
-    assert isinstance(loader, data.DeviceBatches) == on_device
+    loader, sampler = loaders.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
+    assert isinstance(loader, loaders.DeviceBatches) == on_device
     sampler.set_epoch(epoch)
     sampler.skip_batches = skip
     out = list(loader)
@@ -265,8 +265,8 @@ def test_on_device_loader_yields_the_dataloader_batches(world, epoch, skip, monk
 def test_on_device_needs_in_memory_data_and_batched_path(tmp_path):
     c = _run_cfg(True, path="cpu")
     with pytest.raises(UserError, match="data.on_device=true needs .*augment.path=batched"):
-        data.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
+        loaders.train_loader(data.load(c.data, "ssl"), c, None, torch.device("cpu"))
     c = _run_cfg(True)
     folder = data.torchvision.datasets.FakeData(4)  # any dataset that is not TensorImages (ImageNet)
     with pytest.raises(UserError, match="data.on_device=true"):
-        data.train_loader(folder, c, None, torch.device("cpu"))
+        loaders.train_loader(folder, c, None, torch.device("cpu"))

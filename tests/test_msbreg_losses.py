@@ -9,7 +9,7 @@ import torch
 
 import msbreg as ms
 from common.config import BASE, Cfg
-from common.data import ResumableSampler
+from common.loaders import ResumableSampler
 
 
 def _unit(v):

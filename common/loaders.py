@@ -1,0 +1,139 @@
+"""Batches for training and evaluation, from the datasets of ``common.data``.
+
+``train_loader`` serves this rank's SSL batches: uint8 batches for the batched augmentation path (through a
+DataLoader that indexes the in-memory tensor a whole batch at a time, or with ``data.on_device: true`` from
+the images kept on the training device, ``DeviceBatches``: same sampler, same batches, no workers), or the
+K views made per image in DataLoader workers (``augment.path: cpu | hybrid``). ``ResumableSampler`` is the
+DistributedSampler of both, able to skip the first batches of an epoch (exact mid-epoch resume).
+``eval_loaders`` gives the un-augmented train/test loaders of the kNN monitor and the linear probe.
+"""
+import torch
+
+from common import dist
+from common.augment import MultiViewDataset, ViewMaker, eval_transform
+from common.config import UserError
+from common.data import TensorImages, load, num_classes, stats
+
+
+class _Batches(torch.utils.data.Dataset):
+    """``TensorImages`` fetched a whole batch at a time (one tensor index, no per-item Python)."""
+
+    def __init__(self, ds, transform=None):
+        self.ds, self.transform = ds, transform
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, idx):
+        x = self.ds.images[idx]
+        return (self.transform(x) if self.transform else x), self.ds.labels[idx]
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can skip the first ``skip_batches`` batches of an epoch (exact mid-epoch
+    resume) and forwards ``set_epoch`` to a dataset that has one (per-epoch seeds of the CPU views)."""
+
+    def __init__(self, dataset, batch_size, **kw):
+        super().__init__(dataset, **kw)
+        self.batch_size, self.skip_batches = batch_size, 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip_batches * self.batch_size:])
+
+    def __len__(self):
+        return super().__len__() - self.skip_batches * self.batch_size
+
+    def set_epoch(self, epoch):
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+class DeviceBatches:
+    """``data.on_device: true``: a ``TensorImages`` held on the training device as uint8, batches cut there.
+
+    Each epoch takes this rank's indices from ``sampler`` (the same ``ResumableSampler`` as the DataLoader
+    path: same permutation, same DDP shard, same ``skip_batches``), copies them to the device once, and
+    yields ``(uint8 [B, 3, H, W], int64 [B])`` by indexing the device tensors: no workers, no per-batch
+    host-to-device copy, no host sync. Batches equal the DataLoader path's, element for element.
+    """
+
+    def __init__(self, dataset, sampler, batch_size, device):
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size  # drop_last, as the DataLoader path
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.images.device, non_blocking=True)
+        for b in range(len(self)):
+            i = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.images[i], self.labels[i]
+
+
+def train_loader(dataset, cfg, views, device):
+    """Loader of SSL training batches for this rank: ``(uint8 [B,3,H,W], labels)`` on the batched
+    augmentation path, ``([view_1, ..., view_K], labels)`` on the CPU and hybrid paths (``augment.path``).
+
+    The global ``optim.batch_size`` is split evenly over the ranks; returns ``(loader, sampler)``. With
+    ``data.on_device: true`` (batched path, in-memory datasets) the loader is a ``DeviceBatches``.
+    """
+    world = dist.world_size()
+    if cfg.optim.batch_size % world:
+        raise UserError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
+    local = cfg.optim.batch_size // world
+    on_device, path = cfg.data.on_device, cfg.augment.path
+    if on_device and (path != "batched" or not isinstance(dataset, TensorImages)):
+        raise UserError(f"data.on_device=true needs an in-memory dataset (synthetic, cifar10, cifar100, stl10, "
+                        f"fashion_mnist) and augment.path=batched; got data.name={cfg.data.name}, "
+                        f"augment.path={path}: set data.on_device=false")
+    if path != "batched":  # per-image transforms in DataLoader workers
+        dataset = MultiViewDataset(dataset, views.cpu_transforms(), cfg.seed)
+    elif not isinstance(dataset, TensorImages):
+        raise UserError(f"augment.path=batched needs a dataset held in memory at one image size; {cfg.data.name} "
+                        "is decoded from files: set augment.path=hybrid (crop in workers, the rest on the "
+                        "device) or augment.path=cpu")
+    sampler = ResumableSampler(dataset, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,
+                               drop_last=True)
+    if on_device:
+        return DeviceBatches(dataset, sampler, local, device), sampler
+    common = dict(pin_memory=device.type == "cuda", generator=torch.Generator())
+    if path != "batched":
+        loader = torch.utils.data.DataLoader(dataset, local, sampler=sampler, num_workers=cfg.data.workers,
+                                             drop_last=True, **common)
+    else:  # whole-batch indexing of the in-memory tensor; augmentation happens on the device
+        batches = torch.utils.data.BatchSampler(sampler, local, drop_last=True)
+        loader = torch.utils.data.DataLoader(_Batches(dataset), sampler=batches, batch_size=None, **common)
+    return loader, sampler
+
+
+def _eval_loader(dataset, transform, batch_size, workers, shuffle=False):
+    """Batches of ``dataset``; ``transform`` runs on whole batches for in-memory data (else in the dataset)."""
+    if isinstance(dataset, TensorImages):
+        order = torch.utils.data.RandomSampler(dataset) if shuffle else torch.utils.data.SequentialSampler(dataset)
+        return torch.utils.data.DataLoader(_Batches(dataset, transform), batch_size=None,
+                                           sampler=torch.utils.data.BatchSampler(order, batch_size, False))
+    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle, num_workers=workers)
+
+
+def eval_loaders(cfg):
+    """Un-augmented loaders for evaluation: ``{"train", "test", "num_classes"}`` (train = kNN memory bank /
+    linear-probe training set); with ``eval.linear: paper`` also ``"train_aug"`` and ``"augment"`` (random
+    resized crop + flip on the training device, the linear-evaluation protocol of Grill et al.)."""
+    d, e = cfg.data, cfg.eval
+    mean, std = stats(d.name)
+    tf = eval_transform(d.name, d.image_size, mean, std)
+    files = d.name in ("imagenet", "imagenet100")  # decoded per image: the transform runs in the workers
+    out = {split: _eval_loader(load(d, split, tf if files else None), None if files else tf, e.batch_size, d.workers)
+           for split in ("train", "test")}
+    out["num_classes"] = num_classes(d)
+    if e.linear == "paper":
+        aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
+        maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed)
+        train = load(d, "train")
+        if cfg.augment.path != "batched":
+            train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)
+        out["train_aug"] = _eval_loader(train, None, e.linear_batch_size, d.workers, shuffle=True)
+        out["augment"] = lambda batch: maker(batch)[0]
+    return out
