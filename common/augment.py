@@ -151,6 +151,8 @@ def _jitter(x, strengths, rand):
     whichever of the three that sample's order puts there (f = 1 leaves x unchanged, exactly).
     Each sample runs the three in its order: those before its hue in slots 1-3 of a first pass
     (the others with f = 1), then hue, then those after hue in a second pass of three slots.
+    ``_brightness``, ``_contrast`` and ``_saturation`` are the same ops one at a time: the tests hold
+    them to torchvision's kernels and this function to applying them in each sample's order.
     """
     batch = x.shape[0]
     b, c, s, h = strengths
