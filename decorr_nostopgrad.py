@@ -163,7 +163,8 @@ def decorr_loss(f1, f2, W_p, b, k, c_inv, c_cov, stopgrad=False, inv_norm="frobe
     """(Decorr, Eq. 19, §4.2) L(F¹→F²) + L(F²→F¹): this process's shares of c_inv·(invariance) and
     c_cov/d·(correlation); ``inv_norm="mse"`` divides the invariance by d (authors' code)."""
     d = f1.shape[1]
-    wtw_sq = gram_sq(W_p)  # ||W_pᵀW_p||_F²: once per step, not per direction
+    n_part = f1.shape[0] * dist.world_size() // k  # n' of every partition, on both paths of direction_loss
+    wtw_sq = gram_sq(W_p) if n_part < d else None  # ||W_pᵀW_p||_F² of the expanded path: once, not per direction
     inv12, cov12 = direction_loss(f1, f2, W_p, b, k, stopgrad, wtw_sq)
     inv21, cov21 = direction_loss(f2, f1, W_p, b, k, stopgrad, wtw_sq)
     inv = (inv12 + inv21) / (d if inv_norm == "mse" else 1)
