@@ -37,18 +37,10 @@ class LARS(torch.optim.Optimizer):
                 w_norm, g_norm = torch.stack(torch._foreach_norm(ws)), torch.stack(torch._foreach_norm(gs))
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
                 torch._foreach_mul_(gs, list(trust.unbind()))  # eta*||w||/||g|| * g
-            bufs, old_bufs, old_gs = [], [], []
-            for w, g in zip(ws, gs):
-                state = self.state[w]
-                if "momentum_buffer" in state:
-                    old_bufs.append(state["momentum_buffer"])
-                    old_gs.append(g)
-                else:  # first step: v = g
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                bufs.append(state["momentum_buffer"])
-            if old_bufs:  # v = m*v + g
-                torch._foreach_mul_(old_bufs, group["momentum"])
-                torch._foreach_add_(old_bufs, old_gs)
+            # v = m*v + g; v starts at 0, so the first step gives v = g exactly
+            bufs = [self.state[w].setdefault("momentum_buffer", torch.zeros_like(w)) for w in ws]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, gs)
             torch._foreach_add_(ws, bufs, alpha=-group["lr"])  # w = w - lr*v
         return loss
 
