@@ -170,11 +170,12 @@ def _jitter(x, strengths, rand):
         m = torch.where(k == 0, 0.0, torch.where(k == 1, luma.mean((1, 2, 3), keepdim=True), luma))
         return _blend(x, m, torch.where(active[:, r], f[:, r], 1.0).view(batch, 1, 1, 1))
 
+    before, after = slots < hue_slot, slots > hue_slot
     for r in range(3):  # blend ops before hue
-        x = blend_slot(x, r, slots < hue_slot)
+        x = blend_slot(x, r, before)
     x = _hue(x, shift)
     for r in range(3):  # blend ops after hue
-        x = blend_slot(x, r, slots > hue_slot)
+        x = blend_slot(x, r, after)
     return x
 
 
