@@ -112,9 +112,10 @@ def mhe_loss(layers, power):
 @torch.no_grad()
 def energies(online, parts, power):
     """Each regularised layer's E_s/(N(N-1)), plus the mean over the layers of each sub-network (all three)."""
-    out = {f"energy/{k}": hyperspherical_energy(m.weight, power).item() for k, m in mhe_layers(online, parts).items()}
+    every = {k: hyperspherical_energy(m.weight, power).item() for k, m in mhe_layers(online, PARTS).items()}
+    out = {f"energy/{k}": e for k, e in every.items() if k.split(".")[0] in parts}
     for part in PARTS:
-        e = [hyperspherical_energy(m.weight, power).item() for m in mhe_layers(online, [part]).values()]
+        e = [v for k, v in every.items() if k.split(".")[0] == part]
         out[f"energy_mean/{part}"] = sum(e) / len(e)
     return out
 
