@@ -14,9 +14,10 @@
     of the same encoder on the same views. How, without copying any loop: the script's own
     ``train(cfg)`` runs a few steps on ``synthetic`` (data on the device) with its
     ``ViewMaker`` replaced by ``_CachedViews``, which makes the views of the first batch
-    once, returns them at every step and records the time of each call after a device
-    sync; the interval between two calls is one iteration, augmentation excluded. The
-    encoder is then rebuilt from the same resolved config and timed on those views. For the
+    once and returns them at every step; the time from the end of one call to the start
+    of the next (device synced) is one iteration, augmentation excluded. Inside each call
+    the bare encoder, built from the same resolved config, is timed on those views, so the
+    two timings alternate and see the machine in the same state. For the
     four scripts with an EMA target (byol_uniform, byol_mhe, msbreg, raft) a second line adds
     the target encoder's forward (no grad) over the same views to the bare cost: an encoder
     pass every BYOL-style method needs (about a third of a fwd+bwd), so that line's ratio is
@@ -45,7 +46,7 @@ from unittest import mock
 
 import torch
 
-from common import data, loaders
+from common import data, dist, loaders
 from common.augment import ViewMaker, cpu_view, view_specs
 from common.config import BASE, Cfg, parse
 from common.models import maybe_compile, resnet
@@ -88,19 +89,23 @@ def bench_augment(images, size, dev, repeats, views=2):
 
 # ---------------------------------------------------------------------------- running a script
 class _CachedViews(ViewMaker):
-    """A script's ``ViewMaker`` that makes the first batch's views once and returns them at every
-    call, appending the time of each call (after a device sync) to ``self.times``."""
+    """A script's ``ViewMaker`` that makes the first batch's views once and returns them at every call.
+    Each call first runs ``between(views)`` (the bare encoder's timings, so that they interleave with the
+    script's steps) and records, after a device sync, its start in ``starts`` and its end in ``ends``."""
 
-    def __init__(self, made, *args, **kw):
+    def __init__(self, made, between, *args, **kw):
         super().__init__(*args, **kw)
-        self.cache, self.times = None, []
+        self.cache, self.between, self.starts, self.ends = None, between, [], []
         made.append(self)
 
     def __call__(self, batch):
+        _sync(self.device)
+        self.starts.append(time.perf_counter())
         if self.cache is None:
             self.cache = super().__call__(batch)
+        self.between(self.cache)
         _sync(self.device)
-        self.times.append(time.perf_counter())
+        self.ends.append(time.perf_counter())
         return self.cache
 
 
@@ -121,10 +126,11 @@ class _TimedLoader:
         self.times.append(time.perf_counter() - t)
 
 
-def run_script(name, overrides, cached_views=False, time_epochs=False):
+def run_script(name, overrides, between=None, time_epochs=False):
     """Run ``name``'s own ``train(cfg)`` in this process on tiny ``synthetic`` settings plus ``overrides``
     (``key=value`` strings), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
-    ``cached_views`` the makers are ``_CachedViews`` (their ``times``/``cache`` hold the per-step record)."""
+    ``between`` (cfg -> a function of the views) the makers are ``_CachedViews`` calling it at every step
+    (their ``starts``/``ends``/``cache`` hold the per-step record)."""
     script = importlib.import_module(name)
     made, epochs = [], []
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
@@ -132,8 +138,9 @@ def run_script(name, overrides, cached_views=False, time_epochs=False):
                      "eval.every=0", "eval.linear=none", "eval.knn_k=[5]", "log.every=1000000",
                      "log.progress=false", "checkpoint.every=1000000", *overrides],
                     script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
-        if cached_views:
-            stack.enter_context(mock.patch.object(script, "ViewMaker", functools.partial(_CachedViews, made)))
+        if between is not None:
+            stack.enter_context(mock.patch.object(script, "ViewMaker",
+                                                  functools.partial(_CachedViews, made, between(cfg))))
         if time_epochs:
             loader = loaders.train_loader
             timed = lambda *a: (lambda ld, s: (_TimedLoader(ld, a[3], epochs), s))(*loader(*a))  # noqa: E731
@@ -155,32 +162,42 @@ def _tiny(args, images):
 def bench_step(name, args):
     """Fastest time of one full iteration of ``name``'s loop, of a bare encoder forward+backward on the same
     views, of the encoder's forward alone without grad (what an EMA target costs; None if the script has
-    no EMA target), and the number of views."""
+    no EMA target), and the number of views. The bare timings run inside the script's loop, just before each
+    of its iterations, so that both see the machine in the same state."""
     steps = args.warmup + args.repeats + 1  # n calls of the view maker = n - 1 measured iterations
-    cfg, (views,), _ = run_script(name, [*_tiny(args, steps * args.batch), "data.on_device=true", "optim.epochs=1",
-                                         f"checkpoint.stop_after_step={steps}"], cached_views=True)
-    iterations = [b - a for a, b in zip(views.times, views.times[1:])][args.warmup:]
-    dev, m = views.device, cfg.model
-    encoder = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
-    encoder = encoder.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    maybe_compile(encoder, cfg)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-    def encoder_step():
-        for x in views.cache:
-            with amp:
-                y = encoder(x)
-            y.float().sum().backward()
-        encoder.zero_grad(set_to_none=True)
-
-    def target_forward():
-        with torch.no_grad(), amp:
-            for x in views.cache:
-                encoder(x)
-
     has_target = hasattr(importlib.import_module(name), "EMA")
-    t_target = timeit(target_forward, dev, args.repeats, args.warmup, min) if has_target else None
-    return min(iterations), timeit(encoder_step, dev, args.repeats, args.warmup, min), t_target, len(views.cache)
+    bare, target = [], []
+
+    def between(cfg):  # the bare encoder of the script's resolved config, timed at each call on its views
+        dev, m = dist.device(cfg), cfg.model
+        encoder = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
+        encoder = encoder.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        maybe_compile(encoder, cfg)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+        def encoder_step(views):
+            for x in views:
+                with amp:
+                    y = encoder(x)
+                y.float().sum().backward()
+            encoder.zero_grad(set_to_none=True)
+
+        def target_forward(views):
+            with torch.no_grad(), amp:
+                for x in views:
+                    encoder(x)
+
+        def run(views):
+            bare.append(timeit(lambda: encoder_step(views), dev, 1, 0))
+            if has_target:
+                target.append(timeit(lambda: target_forward(views), dev, 1, 0))
+        return run
+
+    _, (views,), _ = run_script(name, [*_tiny(args, steps * args.batch), "data.on_device=true", "optim.epochs=1",
+                                       f"checkpoint.stop_after_step={steps}"], between=between)
+    iterations = [b - a for a, b in zip(views.ends, views.starts[1:])][args.warmup:]
+    return (min(iterations), min(bare[args.warmup:]), min(target[args.warmup:]) if has_target else None,
+            len(views.cache))
 
 
 # ---------------------------------------------------------------------------- (c)
