@@ -65,17 +65,17 @@ def device(cfg):
 
 
 def keep_freed_memory():
-    """Training on CPU with glibc: keep freed blocks of up to 32 MB for reuse instead of returning them to the
-    system (``mallopt``: mmap threshold 32 MB, trim threshold 2 GB, top pad 256 MB), as the CUDA caching
-    allocator does on a GPU. With glibc's adaptive defaults a training step can page-fault its tensors in
-    afresh at every step (the kernel zeroes each page): measured on 2 cores, ResNet-18 at batch 64, 4.5M
-    page faults and 10-13% longer steps. Returns whether the settings were taken (False off glibc)."""
+    """Training on CPU with glibc: keep freed memory in the process for reuse instead of returning it to the
+    system (``mallopt``: no mmap'ed blocks, no trimming), as the CUDA caching allocator does on a GPU; the
+    process keeps its peak memory until it exits. With glibc's defaults each step page-faults its large
+    tensors in afresh (the kernel zeroes every page): measured in common.benchmark's step timings, ResNet-18
+    on 2 cores, batch 256: 21M page faults and 13% longer steps. Returns whether glibc took the settings."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl, Windows): its allocator as it is
         return False
-    settings = {-3: 32 << 20, -1: 2 ** 31 - 1, -2: 256 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
-    return all(libc.mallopt(option, value) == 1 for option, value in settings.items())
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 def seed_everything(seed):
