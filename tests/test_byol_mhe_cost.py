@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import byol_mhe as bm  # noqa: E402
+from common import dist  # noqa: E402
 from common.config import BASE, Cfg  # noqa: E402
 from common.ema import EMA  # noqa: E402
 from common.optim import build, param_groups  # noqa: E402
@@ -43,6 +44,8 @@ def _time(fn, dev):
 def measure(arch="resnet18", width=64, batch=128, size=32, power="a2", parts=("projector", "predictor"),
             proj_hidden=4096, proj_dim=256, device="cpu", repeats=3, weight=10.0):
     dev = torch.device(device)
+    if dev.type == "cpu":
+        dist.keep_freed_memory()  # as the scripts do on CPU (common.dist.device)
     torch.manual_seed(0)
     cfg = Cfg.wrap(deepcopy(BASE))
     cfg.model.update(arch=arch, width=width, cifar_stem=True, proj_hidden=proj_hidden, proj_dim=proj_dim,
