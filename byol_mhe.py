@@ -22,7 +22,8 @@ configs/byol_mhe/imagenet_resnet50_300ep_sec4.yaml). ``mhe.layers: []`` or ``mhe
 BYOL, the "BYOL (repro)" rows. Each layer's energy E_s/(N(N-1)) is logged at every evaluation.
 
 Numerics (Liu et al.'s MHE code, as SPEC §4.2 reads it): ||w|| = sqrt(Σw² + 1e-4); all pairs come from
-one Gram matrix ŴŴᵀ (no loops over neurons); ||ŵ_i - ŵ_j||² = 2 - 2cos; cos is clamped into
+the Gram matrix ŴŴᵀ, made in blocks of rows with the energy's gradient (no loop over neurons, no N x N
+autograd graph; ``hyperspherical_energy``); ||ŵ_i - ŵ_j||² = 2 - 2cos; cos is clamped into
 [-1+1e-6, 1-1e-6] before arccos and θ gets + 1e-4. The energy is computed in float32 outside autocast.
 Deviations from Liu et al.'s code, where we follow the paper's equations instead: their angular
 energies use θ/π (not θ) and scale a1/a2 by 0.1; their s=0 is -log(||ŵ_i-ŵ_j||²) = 2x Eq. 8; they
