@@ -32,8 +32,8 @@ neurons give a finite energy and gradient).
 
 Batch-size study (Tab. 7): ``optim.accum_steps: N`` averages gradients over N forwards of
 ``optim.batch_size`` before one optimizer step (the EMA steps only with the optimizer; the lr scales
-with batch_size x N). The MHE term depends on the weights only, so it is added once per optimizer step
-(on the last forward of the group), with full weight.
+with batch_size x N). The MHE term depends on the weights only: its share of the group's gradient is
+one energy's, with full weight.
 
 Run:
     python byol_mhe.py --config configs/quickstart/byol_mhe.yaml                 # CPU, minutes
@@ -41,28 +41,33 @@ Run:
     torchrun --nproc_per_node=8 byol_mhe.py --config configs/byol_mhe/imagenet_resnet50_300ep.yaml
 """
 import sys
-import time
-from contextlib import nullcontext
 from copy import deepcopy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, loaders, log
+from common import data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
-from common.evaluate import final_linear_eval, monitor
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.run import Run
 
 METHOD = "byol_mhe"
 POWERS = ("0", "1", "2", "a0", "a1", "a2")
 PARTS = ("encoder", "projector", "predictor")
-DEFAULTS = {"mhe": {"weight": 10.0,  # λ_mhe of Eq. 10 (App. D reg_weight=10; §4: 0.1)
-                    "power": None,   # s: 0 | 1 | 2 (Eq. 8) | a0 | a1 | a2 (Eq. 11); null = a2 (App. D)
-                    "layers": ["projector", "predictor"]}}  # any of encoder, projector, predictor (Tab. 4)
+DEFAULTS = {  # BYOL-MHE §3.5 and App. D: CIFAR-10, ResNet-18, 300 epochs (the setting of the §5 ablations)
+    "model": {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096},  # BYOL's heads (§3.5)
+    "optim": {"name": "lars", "lr": 1.5,  # §3.5: LARS; "for 300 epochs we further increase the LR_base = 1.5"
+              "lr_scaling": "linear",     # §3.5: LR = LR_base x BatchSize / 256
+              "weight_decay": 1.0e-6, "batch_size": 1024, "epochs": 300, "warmup_epochs": 10},  # §3.5, App. D
+    "ema": {"tau": 0.99, "schedule": "cosine"},  # §3.5: τ_base 0.99 at 300 epochs, raised to 1 by the cosine rule
+    "mhe": {"weight": 10.0,  # λ_mhe of Eq. 10 (App. D reg_weight=10; §4: 0.1)
+            "power": None,   # s: 0 | 1 | 2 (Eq. 8) | a0 | a1 | a2 (Eq. 11); null = a2 (App. D)
+            "layers": ["projector", "predictor"]},  # any of encoder, projector, predictor (Tab. 4)
+}
 # (a null default accepts both `power: 2` and `power: a2`; check_mhe resolves it to one of POWERS)
 
 COS_EPS, THETA_EPS, NORM_EPS = 1e-6, 1e-4, 1e-4  # Liu et al.'s MHE code (SPEC §4.2)
@@ -176,140 +181,56 @@ def check_mhe(cfg):
     return cfg
 
 
+def byol_mhe_loss(model, target, x1, x2, layers, mhe):
+    """(BYOL-MHE, Eq. 10) L = L_BYOL + λ_mhe Σ_layers E_s/(N(N-1)) on two views: the step's loss and its parts.
+
+    The energy depends on the weights only; with ``optim.accum_steps`` > 1 it is computed at each forward of
+    the group (the weights do not change within it, so the group's gradient is λ_mhe times one energy's)."""
+    (z1, z2), (p1, p2) = model([x1, x2])
+    with torch.no_grad():
+        t1, t2 = target(x1), target(x2)
+    p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()  # losses in fp32 (under autocast)
+    l_byol = (byol_loss(p1, t2) + byol_loss(p2, t1)).mean()  # (Eq. 5), symmetrised: the sum of both directions
+    l_mhe = torch.zeros((), device=p1.device)
+    if mhe.weight != 0:  # (Eq. 8 / 11, summed as in Eq. 10), float32
+        l_mhe = mhe_loss(layers, mhe.power).to(p1.device)
+    return l_byol + mhe.weight * l_mhe, {"loss_byol": l_byol, "loss_mhe": l_mhe}
+
+
 # --------------------------------------------------------------------------- training
 def train(cfg):
     cfg = check_mhe(cfg)
-    dev = dist.device(cfg)
-    run = log.run_dir(cfg, METHOD)
-    ckpt_file = checkpoint.resume_path(run, cfg.resume)
-    state = checkpoint.load(ckpt_file) if ckpt_file else None
-    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
-    logger.config(cfg)
-    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+    run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+                      seed=cfg.seed + 1000 * dist.rank())  # the two BYOL views, made on the training device
+    loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
-    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
-    ssl_set = data.load(cfg.data, "ssl")
-    mean, std = data.stats(cfg.data.name)
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = loaders.eval_loaders(cfg)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
-                        f"{len(ssl_set)} training images: lower optim.batch_size")
-
-    # model: online f, g, q and the EMA target (f, g); SyncBN across processes; the MHE layers (Eq. 10)
-    online = Online(cfg.model)
-    if dist.world_size() > 1 and cfg.model.sync_bn:
-        online = dist.convert_sync_bn(online, dev.type == "cuda")
-    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    # model: online f, g, q; the EMA target (f, g); the MHE layers (Eq. 10); LARS, lr scaled by the global batch
+    online = run.to_device(Online(cfg.model))
     target = deepcopy(nn.Sequential(online.f, online.g))
     ema = EMA(target, nn.Sequential(online.f, online.g))
     layers = mhe_layers(online, cfg.mhe.layers)
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
-    model = dist.ddp(online, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model = dist.ddp(online, run.device)
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views,
+              extra_metrics=lambda: energies(online, cfg.mhe.layers, cfg.mhe.power))  # each layer's E_s
 
-    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
-    if state:  # exact resume: weights, optimizer, counters, RNG streams
-        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
-        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
-        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
-        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"],
-                    **energies(online, cfg.mhe.layers, cfg.mhe.power)})
-    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
-
-    def save(path):
-        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views), path)
-
-    lam, images_seen, t_train, metrics = cfg.mhe.weight, 0, 0.0, {}
-    while epoch < cfg.optim.epochs:
-        sampler.set_epoch(epoch)
-        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
-        t0 = time.time()
-        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
-            if batch_in_epoch == steps_per_epoch * accum:
-                break  # drop a last incomplete accumulation group
-            # ---- one forward: two views, online and target; MHE on the weights once per optimizer step
-            x1, x2 = views(batch)
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            with model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext():
-                with amp:
-                    (z1, z2), (p1, p2) = model([x1, x2])
-                    with torch.no_grad():
-                        t1, t2 = target(x1), target(x2)
-                    p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()  # losses in fp32 (bf16 autocast)
-                    l_byol = (byol_loss(p1, t2) + byol_loss(p2, t1)).mean()  # (BYOL-MHE, Eq. 5), symmetrised
-                l_mhe = torch.zeros((), device=dev)
-                if lam != 0 and last_micro:  # (BYOL-MHE, Eq. 8/11 summed as in Eq. 10), float32
-                    l_mhe = mhe_loss(layers, cfg.mhe.power).to(dev)
-                loss = l_byol + lam * l_mhe  # (BYOL-MHE, Eq. 10)
-                (l_byol / accum + lam * l_mhe).backward()
-            batch_in_epoch += 1
-            images_seen += x1.shape[0] * dist.world_size()
-            if not last_micro:
-                continue
-            # ---- optimizer step (every accum forwards), then the EMA target update
-            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
-            set_lr(opt, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
-            ema.update(tau)
-            step += 1
-            # ---- logging, NaN guard, step checkpoints
-            if step % cfg.log.every == 0 or step == total_steps:
-                losses = dist.all_reduce_mean(torch.stack([loss, l_byol, l_mhe]).float()).tolist()
-                if any(v != v or abs(v) == float("inf") for v in losses):
-                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
-                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_byol": losses[1],
-                            "loss_mhe": losses[2], "lr": lr, "tau": tau})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
-                save(run / "checkpoints" / "last.pt")
-            if step == cfg.checkpoint.stop_after_step:
-                if dist.is_main():
-                    save(run / "checkpoints" / "last.pt")
-                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
-                return None
-        t_train += time.time() - t0
-        epoch, batch_in_epoch = epoch + 1, 0
-
-        # ---- end of epoch: kNN monitor, alignment/uniformity, each layer's energy, checkpoint
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
-            metrics = {**monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2)),
-                       **energies(online, cfg.mhe.layers, cfg.mhe.power)}
-            logger.log({"step": step, "epoch": epoch, **metrics})
-            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " + " ".join(
-                f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("energy/")))
-        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
-                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-            save(run / "checkpoints" / "last.pt")
-            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
-                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-        dist.barrier()
-
-    # ---- final evaluation: kNN, layer energies, linear probe (offline, frozen encoder), summary.json
-    if dist.is_main():
-        final = metrics or {**monitor(online.f, eval_loaders, dev, cfg.eval),
-                            **energies(online, cfg.mhe.layers, cfg.mhe.power)}
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers,
-                        "mhe_weight": lam, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **linear,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
-    dist.barrier()
-    return None
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        x1, x2 = views(batch)
+        with run.micro_step(model, last_micro):
+            loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
+            run.backward(loss)
+        if not last_micro:
+            continue
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
+        set_lr(opt, lr)
+        run.optimizer_step(opt, online)
+        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
+        ema.update(tau)  # ξ <- τξ + (1-τ)θ
+        run.step_done(loss, {**logs, "lr": lr, "tau": tau})  # metrics, NaN guard, checkpoints, stops
+    run.finish({"mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers, "mhe_weight": cfg.mhe.weight})
 
 
 if __name__ == "__main__":

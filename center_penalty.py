@@ -41,19 +41,18 @@ Deviations and choices the paper leaves open are listed in the README section.
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, loaders, log
+from common import data, dist, log
 from common.augment import ViewMaker
 from common.config import UserError, parse
-from common.evaluate import (center_vector_norm, extract_features, feature_std, final_linear_eval,
-                             knn_accuracies, monitor)
+from common.evaluate import center_vector_norm, extract_features, feature_std, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.run import Run
 
 METHOD = "center_penalty"
 VARIANTS = ("center_penalty", "invariance_only", "simsiam", "simsiam_no_predictor", "simsiam_no_stopgrad")
@@ -64,8 +63,10 @@ DEFAULTS = {
                 "fix_pred_lr": True},       # SimSiam: the predictor's lr is not decayed
     "model": {"proj_layers": 3, "proj_last_bn": True,  # SimSiam's projector: 3 layers, BN on the output
               "proj_hidden": 2048, "proj_dim": 2048, "pred_hidden": 512},
-    "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 1.0e-4, "warmup_epochs": 0,  # SimSiam's recipe
-              "exclude_bias_norm": False},
+    "optim": {"name": "sgd", "lr": 0.05,    # SimSiam's recipe (Chen & He §4), which the paper's Fig. 4 runs:
+              "lr_scaling": "linear",       # lr = 0.05 x batch / 256, SGD momentum 0.9, wd 1e-4,
+              "weight_decay": 1.0e-4, "warmup_epochs": 0, "exclude_bias_norm": False,  # no warm-up,
+              "batch_size": 512, "epochs": 100},  # batch 512, 100 epochs
     "log": {"every": 1},                    # ||s|| every step (cheap)
     "toy": {"dataset": "blobs",             # blobs | moons (§3.2) | app_b1 (App. B.1)
             "seeds": [0, 1, 2, 3, 4],       # one run per seed; the summary averages them (Fig. 3-4: 5 seeds)
@@ -116,18 +117,31 @@ def objective(variant, z, p, s, lambda_l):
     return l_ss, {"l_simsiam": l_ss}
 
 
+def center_penalty_objective(model, views, loss_cfg):
+    """One forward of K views (a list of batches) and the loss of ``loss.variant`` (Eq. 32, Eq. 2 or Eq. 15),
+    with its parts and ||s|| (Eq. 1, over all views of the global batch) for the logs; images and toys alike."""
+    z, p = model(views)
+    s = center_vector(z)  # (CenterVector, Eq. 1)
+    loss, parts = objective(loss_cfg.variant, z, p, s, loss_cfg.lambda_l)
+    return loss, {"s_norm": torch.linalg.vector_norm(s.detach()), **parts}
+
+
 class Model(nn.Module):
     """Encoder f, projector g (z = g(f(x))) and, for simsiam / simsiam_no_stopgrad, the predictor h (p = h(z)).
 
     ``forward(views)`` takes a list of K view batches and returns z, p as [B, K, D] (p is z without h);
-    each view goes through the network on its own (batch-norm statistics per view, as SimSiam)."""
+    each view goes through the network on its own (batch-norm statistics per view, as SimSiam), or, with
+    ``one_pass`` (toys without batch statistics: the same z, faster), all K views in one batch."""
 
-    def __init__(self, f, g, h):
+    def __init__(self, f, g, h, one_pass=False):
         super().__init__()
-        self.f, self.g, self.h = f, g, h
+        self.f, self.g, self.h, self.one_pass = f, g, h, one_pass
 
     def forward(self, views):
-        z = torch.stack([self.g(self.f(x)) for x in views], 1)
+        if self.one_pass:
+            z = self.g(self.f(torch.cat(views))).view(len(views), len(views[0]), -1).transpose(0, 1)
+        else:
+            z = torch.stack([self.g(self.f(x)) for x in views], 1)
         p = z if self.h is None else torch.stack([self.h(z[:, j]) for j in range(z.shape[1])], 1)
         return z, p
 
@@ -144,7 +158,7 @@ def build_model(cfg, in_dim=None):
         g = mlp(feat, m.proj_hidden, m.proj_dim, m.proj_layers, norm, last_norm=m.proj_last_bn and norm == "bn")
         dim, hidden = m.proj_dim, m.pred_hidden
     h = mlp(dim, hidden, dim, 2, norm) if variant in ("simsiam", "simsiam_no_stopgrad") else None
-    return Model(f, g, h)
+    return Model(f, g, h, one_pass=in_dim is not None and norm == "none")
 
 
 def optimizer(cfg, model, peak_lr):
@@ -225,12 +239,7 @@ def toy_run(cfg, seed, logger, dev):
     for epoch in range(cfg.optim.epochs):
         for vb in toy_batches(t, x, y, cfg.optim.batch_size, g):
             vb = vb.to(dev)
-            if t.norm == "none":  # no batch statistics: all K views in one pass gives the same z, faster
-                z, p = (a.view(*vb.shape[:2], -1) for a in model([vb.flatten(0, 1)]))
-            else:
-                z, p = model([vb[:, j] for j in range(vb.shape[1])])
-            s = center_vector(z)
-            loss, parts = objective(variant, z, p, s, cfg.loss.lambda_l)
+            loss, logs = center_penalty_objective(model, list(vb.unbind(1)), cfg.loss)
             lr = lr_at(step, total, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
             set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
             opt.zero_grad(set_to_none=True)
@@ -242,7 +251,7 @@ def toy_run(cfg, seed, logger, dev):
                                 "lower optim.lr")
             if step % cfg.log.every == 0:
                 logger.log({"seed": seed, "step": step, "epoch": epoch, "loss": loss.item(),
-                            "s_norm": s.norm().item(), **{k: v.item() for k, v in parts.items()}})
+                            **{k: v.item() for k, v in logs.items()}})
         if epoch + 1 == cfg.optim.epochs or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
             last = evaluate(epoch + 1)
     return first, last
@@ -252,9 +261,7 @@ def train_toy(cfg):
     if dist.world_size() > 1 or not cfg.toy.seeds:
         raise UserError("toy2d runs take seconds on one process (dist.nproc=1, no torchrun) and need toy.seeds")
     run = log.run_dir(cfg, METHOD)
-    if (run / "metrics.jsonl").exists():
-        raise UserError(f"run folder {run.resolve()} already holds a toy run: set name=... for a new one")
-    logger = log.Logger(run)
+    logger = log.Logger(run)  # (an earlier run's metrics.jsonl and summary.json are moved aside)
     logger.config(cfg)
     dev = dist.device(cfg)
     per_seed, t0 = {}, time.time()
@@ -278,123 +285,34 @@ def train_toy(cfg):
 def train(cfg):
     if cfg.data.name == "toy2d":
         return train_toy(cfg)
-    dev = dist.device(cfg)
-    run = log.run_dir(cfg, METHOD)
-    ckpt_file = checkpoint.resume_path(run, cfg.resume)
-    state = checkpoint.load(ckpt_file) if ckpt_file else None
-    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
-    logger.config(cfg)
-    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+    run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
-    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
-    ssl_set = data.load(cfg.data, "ssl")
-    mean, std = data.stats(cfg.data.name)
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = loaders.eval_loaders(cfg)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
-                        f"{len(ssl_set)} training images: lower optim.batch_size")
-
-    # model: f, g (and h for SimSiam); no EMA target; SyncBN across processes
-    online = build_model(cfg)
-    if dist.world_size() > 1 and cfg.model.sync_bn:
-        online = dist.convert_sync_bn(online, dev.type == "cuda")
-    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    # model: f, g (and h for SimSiam); no EMA target; SGD as SimSiam (the predictor's lr may be fixed)
+    online = run.to_device(build_model(cfg))
     peak_lr = scaled_lr(cfg.optim)
     opt = optimizer(cfg, online, peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
-    model = dist.ddp(online, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model = dist.ddp(online, run.device)
+    fg = nn.Sequential(online.f, online.g)
+    run.start(online.f, online=online, optimizer=opt, views=views,  # at each evaluation: ||s|| of the test set's z
+              extra_metrics=lambda: {"s_norm_test": center_vector_norm(
+                  extract_features(fg, run.eval_sets["test"], run.device)[0]).item()})
 
-    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
-    if state:  # exact resume: weights, optimizer, counters, RNG streams
-        c = checkpoint.restore(state, cfg, online=online, optimizer=opt, views=views)
-        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
-        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
-        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
-    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
-
-    def save(path):
-        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, optimizer=opt, views=views), path)
-
-    variant, images_seen, t_train, metrics = cfg.loss.variant, 0, 0.0, {}
-    while epoch < cfg.optim.epochs:
-        sampler.set_epoch(epoch)
-        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
-        t0 = time.time()
-        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
-            if batch_in_epoch == steps_per_epoch * accum:
-                break  # drop a last incomplete accumulation group
-            # ---- one forward: two views through f, g (and h); s over the global batch
-            x1, x2 = views(batch)
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
-                z, p = model([x1, x2])
-                s = center_vector(z)  # (CenterVector, Eq. 1), all views of all processes
-                loss, parts = objective(variant, z, p, s, cfg.loss.lambda_l)  # Eq. 32 or Eq. 15
-                (loss / accum).backward()
-            batch_in_epoch += 1
-            images_seen += x1.shape[0] * dist.world_size()
-            if not last_micro:
-                continue
-            # ---- optimizer step (every accum forwards); the predictor may keep a fixed lr (SimSiam)
-            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
-            set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            # ---- logging (||s|| every step by default), NaN guard, step checkpoints
-            if step % cfg.log.every == 0 or step == total_steps:
-                names = ["loss", "s_norm", *parts]
-                vals = dist.all_reduce_mean(torch.stack([loss, s.norm(), *parts.values()]).float().detach()).tolist()
-                if any(v != v or abs(v) == float("inf") for v in vals):
-                    raise UserError(f"loss is {vals[0]} at step {step}: training diverged. The last good "
-                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-                logger.log({"step": step, "epoch": epoch, **dict(zip(names, vals)), "lr": lr})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
-                save(run / "checkpoints" / "last.pt")
-            if step == cfg.checkpoint.stop_after_step:
-                if dist.is_main():
-                    save(run / "checkpoints" / "last.pt")
-                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
-                return None
-        t_train += time.time() - t0
-        epoch, batch_in_epoch = epoch + 1, 0
-
-        # ---- end of epoch: kNN monitor, ||s|| of encoder features and of z on the test set, checkpoint
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
-            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
-            z_test = extract_features(nn.Sequential(online.f, online.g), eval_loaders["test"], dev)[0]
-            metrics["s_norm_test"] = center_vector_norm(z_test).item()
-            logger.log({"step": step, "epoch": epoch, **metrics})
-            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
-                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
-                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-            save(run / "checkpoints" / "last.pt")
-            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
-                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-        dist.barrier()
-
-    # ---- final evaluation: kNN, linear probe (offline, frozen encoder), summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "variant": variant, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **linear, "s_norm": s.norm().item(),
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
-    dist.barrier()
-    return None
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        x1, x2 = views(batch)
+        with run.micro_step(model, last_micro):
+            loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
+            run.backward(loss)
+        if not last_micro:
+            continue
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
+        set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
+        run.optimizer_step(opt, online)
+        run.step_done(loss, {**logs, "lr": lr})  # ||s|| every step; NaN guard, checkpoints, stops
+    run.finish({"variant": cfg.loss.variant})
 
 
 if __name__ == "__main__":

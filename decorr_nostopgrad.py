@@ -54,8 +54,8 @@ configs/decorr_nostopgrad/authors_code_imagenet_resnet50.yaml sets 1-5.
 
 Diagnostics at every eval: ||Σ - I||_F² of the correlation matrix of backbone features of the
 held-out (test) images without augmentation (Fig. 1), W_p's asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and
-eigenvalue summary (Fig. 4); W_p is saved in every checkpoint and, every ``diag.wp_every`` epochs,
-with its eigenvalues in run_dir/predictor/ (Fig. 3). The summary reports collapse as a result.
+eigenvalue summary (Fig. 4); W_p is in every checkpoint (``online``'s ``W_p.weight``) and, every
+``diag.wp_every`` epochs, saved with its eigenvalues in run_dir/predictor/ (Fig. 3). The summary reports collapse as a result.
 
 Run:
     python decorr_nostopgrad.py --config configs/quickstart/decorr_nostopgrad.yaml         # CPU, minutes
@@ -63,18 +63,17 @@ Run:
     python decorr_nostopgrad.py --config ... --set loss.partitions=1 dist.nproc=2 resume=auto
 """
 import sys
-import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 
-from common import checkpoint, data, dist, loaders, log
+from common import checkpoint, data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
-from common.evaluate import correlation_distance, extract_features, feature_std, final_linear_eval, monitor
+from common.evaluate import correlation_distance, extract_features, feature_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.run import Run
 
 METHOD = "decorr_nostopgrad"
 DEFAULTS = {
@@ -82,6 +81,10 @@ DEFAULTS = {
               "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3,  # 2048-2048-2048 (Tab. 1)
               "proj_bias": False,          # paper silent; Barlow Twins [16] and the authors' code: no bias
               "predictor_bias": False},    # W_p F (Eq. 19); the authors' code has a bias
+    "optim": {"name": "lars", "lr": 0.3,   # §5.1: LARS, base lr 0.3 for the whole model,
+              "lr_scaling": "linear",      # "multiplied by BatchSize/256"
+              "weight_decay": 1.0e-6,      # not stated; BYOL / Barlow Twins (and the authors' code)
+              "batch_size": 2048, "epochs": 100, "warmup_epochs": 10},  # §5.1
     "loss": {"partitions": 8,              # k of Eq. 19 (global; per device under DDP, §4.4)
              "c_inv": 25.0, "c_cov": 1.0,  # Tab. 1 best
              "standardize": True,          # Eq. 18 ("STD" of Tab. 3)
@@ -93,7 +96,9 @@ DEFAULTS = {
     "diag": {"wp_every": 1,                # epochs between W_p eigen-summaries + saved W_p (0: never)
              "collapse_floor": 0.1},       # collapsed if std of l2-normalised features x √dim is below this
 }
-CHOICES = {"loss.std_var": ("unbiased", "biased"), "loss.inv_norm": ("frobenius", "mse")}
+CHOICES = {"loss.std_var": ("unbiased", "biased"), "loss.inv_norm": ("frobenius", "mse"),
+           "loss.partitions": "x >= 1", "loss.c_inv": "x >= 0", "loss.c_cov": "x >= 0", "loss.std_eps": "x >= 0",
+           "diag.wp_every": "x >= 0"}
 
 
 # --------------------------------------------------------------------------- the paper's pieces
@@ -222,151 +227,66 @@ def representation_diagnostics(model, loaders, device):
             "proj_std_rel": feature_std(z) * z.shape[1] ** 0.5, "proj_rms": z.pow(2).mean().sqrt().item()}
 
 
+def decorr_objective(model, x1, x2, loss_cfg):
+    """One forward on two views: projector outputs standardised over the global batch (Eq. 18), then Eq. 19 in
+    both directions, summed over the processes' partitions. The step's loss and its parts (and the raw
+    projector scale ``z_std``)."""
+    L, online = loss_cfg, dist.unwrap(model)
+    z1, z2 = (z.float() for z in model([x1, x2]))  # fp32 losses (under autocast)
+    f1, f2 = (standardize(z1, L.std_eps, L.std_var == "unbiased"),
+              standardize(z2, L.std_eps, L.std_var == "unbiased")) if L.standardize else (z1, z2)  # (Eq. 18)
+    W_p, b = online.predictor()
+    inv, cov = decorr_loss(f1, f2, W_p, b, L.partitions, L.c_inv, L.c_cov, L.stopgrad, L.inv_norm)  # (Eq. 19)
+    total = dist.all_reduce_grad(torch.stack([inv + cov, inv, cov]))  # the sum of the processes' shares
+    return total[0], {"loss_inv": total[1], "loss_cov": total[2], "z_std": z1.detach().std(0).mean()}
+
+
+def diagnostics(online, run, cfg):
+    """At each evaluation: Fig. 1 (||Σ - I||²), the collapse verdict, and every ``diag.wp_every`` epochs Fig. 4's
+    W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
+    diag = representation_diagnostics(online, run.eval_sets, run.device)
+    diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
+    epoch = run.epoch
+    if online.W_p is not None and cfg.diag.wp_every and (epoch == cfg.optim.epochs or epoch % cfg.diag.wp_every == 0):
+        wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
+        diag.update(wp_metrics)
+        if dist.is_main():
+            checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
+                             "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
+                             "epoch": epoch, "step": run.step}, run.dir / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
+    return diag
+
+
 # --------------------------------------------------------------------------- training
 def train(cfg):
-    dev = dist.device(cfg)
-    run = log.run_dir(cfg, METHOD)
-    ckpt_file = checkpoint.resume_path(run, cfg.resume)
-    state = checkpoint.load(ckpt_file) if ckpt_file else None
-    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
-    logger.config(cfg)
-    dist.seed_everything(cfg.seed)  # same initial weights on every rank
-    L, world = cfg.loss, dist.world_size()
-    if cfg.optim.batch_size % L.partitions:  # equal partitions (§4.4); then also k/W per process when W | k
-        raise UserError(f"loss.partitions={L.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
+    if cfg.optim.batch_size % cfg.loss.partitions:  # equal partitions (§4.4); then also k/W per process when W | k
+        raise UserError(f"loss.partitions={cfg.loss.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
                         "(equal partitions, Decorr §4.4)")
+    run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
-    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
-    ssl_set = data.load(cfg.data, "ssl")
-    mean, std = data.stats(cfg.data.name)
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = loaders.eval_loaders(cfg)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
-                        f"{len(ssl_set)} training images: lower optim.batch_size")
-
-    # model: f, g, W_p; SyncBN across processes (the standardisation is synchronised by `standardize`)
-    online = Decorr(cfg.model, L.identity_predictor)
-    if world > 1 and cfg.model.sync_bn:
-        online = dist.convert_sync_bn(online, dev.type == "cuda")
-    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    peak_lr = scaled_lr(cfg.optim)  # base 0.3 x batch/256 for the whole model (§5.1)
+    # model: f, g, W_p, no target network; LARS with base 0.3 x batch/256 for the whole model (§5.1)
+    online = run.to_device(Decorr(cfg.model, cfg.loss.identity_predictor))
+    peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
-    model = dist.ddp(online, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model = dist.ddp(online, run.device)
+    run.start(online.f, online=online, optimizer=opt, views=views, extra_metrics=lambda: diagnostics(online, run, cfg))
 
-    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
-    if state:  # exact resume: weights, optimizer, counters, RNG streams
-        c = checkpoint.restore(state, cfg, online=online, optimizer=opt, views=views)
-        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
-        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
-        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
-    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
-
-    def save(path):  # W_p also stored on its own (Fig. 3)
-        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-        snap = checkpoint.snapshot(cfg, c, online=online, optimizer=opt, views=views)
-        snap["W_p"] = online.predictor()[0].detach().cpu().clone()
-        checkpoint.save(snap, path)
-
-    images_seen, t_train, metrics, diag = 0, 0.0, {}, {}
-    while epoch < cfg.optim.epochs:
-        sampler.set_epoch(epoch)
-        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
-        t0 = time.time()
-        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
-            if batch_in_epoch == steps_per_epoch * accum:
-                break  # drop a last incomplete accumulation group
-            # ---- one forward: both views through f and g; standardise; Eq. 19 both ways (fp32)
-            x1, x2 = views(batch)
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            with model.no_sync() if not last_micro and world > 1 else nullcontext():
-                with amp:
-                    z1, z2 = model([x1, x2])
-                z1, z2 = z1.float(), z2.float()
-                if L.standardize:  # (Decorr, Eq. 18)
-                    f1 = standardize(z1, L.std_eps, L.std_var == "unbiased")
-                    f2 = standardize(z2, L.std_eps, L.std_var == "unbiased")
-                else:
-                    f1, f2 = z1, z2
-                W_p, b = online.predictor()
-                inv, cov = decorr_loss(f1, f2, W_p, b, L.partitions, L.c_inv, L.c_cov, L.stopgrad, L.inv_norm)
-                total = dist.all_reduce_grad(torch.stack([inv + cov, inv, cov]))  # sum of the shares
-                loss = total[0]  # (Decorr, Eq. 19), symmetric
-                (loss / accum).backward()
-            batch_in_epoch += 1
-            images_seen += x1.shape[0] * world
-            if not last_micro:
-                continue
-            # ---- optimizer step (every accum forwards)
-            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
-            set_lr(opt, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            # ---- logging, NaN guard, step checkpoints
-            if step % cfg.log.every == 0 or step == total_steps:
-                losses = total.detach().tolist()
-                z_std = dist.all_reduce_mean(z1.detach().std(0).mean()).item()  # raw projector scale
-                if any(v != v or abs(v) == float("inf") for v in losses):
-                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
-                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_inv": losses[1],
-                            "loss_cov": losses[2], "z_std": z_std, "lr": lr})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
-                save(run / "checkpoints" / "last.pt")
-            if step == cfg.checkpoint.stop_after_step:
-                if dist.is_main():
-                    save(run / "checkpoints" / "last.pt")
-                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
-                return None
-        t_train += time.time() - t0
-        epoch, batch_in_epoch = epoch + 1, 0
-
-        # ---- end of epoch: kNN monitor, Fig. 1 / Fig. 4 diagnostics, W_p, checkpoint
-        last = epoch == cfg.optim.epochs
-        if dist.is_main() and (last or (cfg.eval.every and epoch % cfg.eval.every == 0)):
-            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
-            diag = representation_diagnostics(online, eval_loaders, dev)
-            if online.W_p is not None and cfg.diag.wp_every and (last or epoch % cfg.diag.wp_every == 0):
-                wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
-                diag.update(wp_metrics)
-                checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
-                                 "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
-                                 "epoch": epoch,
-                                 "step": step}, run / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
-            logger.log({"step": step, "epoch": epoch, **metrics, **diag})
-            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
-                         " ".join(f"{k} {v:.4g}" for k, v in {**metrics, **diag}.items()))
-        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or last):
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
-                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-            save(run / "checkpoints" / "last.pt")
-            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
-                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-        dist.barrier()
-
-    # ---- final evaluation: kNN, diagnostics, collapse verdict, linear probe (offline), summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        diag = diag or representation_diagnostics(online, eval_loaders, dev)
-        collapsed = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **diag, "collapsed": collapsed,
-                        "collapse_floor": cfg.diag.collapse_floor, **linear,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
-    dist.barrier()
-    return None
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        x1, x2 = views(batch)
+        with run.micro_step(model, last_micro):
+            loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
+            run.backward(loss)
+        if not last_micro:
+            continue
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
+        set_lr(opt, lr)
+        run.optimizer_step(opt, online)
+        run.step_done(loss, {**logs, "lr": lr})  # metrics, NaN guard, checkpoints, stops
+    run.finish({"collapse_floor": cfg.diag.collapse_floor})
 
 
 if __name__ == "__main__":

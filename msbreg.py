@@ -33,21 +33,20 @@ Run:
     python msbreg.py --config ... --set loss.K=8 loss.lambda_b=1.0 dist.nproc=2 resume=auto
 """
 import sys
-import time
-from contextlib import nullcontext
 from copy import deepcopy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, loaders, log
+from common import data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
-from common.evaluate import extract_features, final_linear_eval, knn_accuracies, monitor
+from common.evaluate import extract_features, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.run import Run
 
 METHOD = "msbreg"
 DEFAULTS = {
@@ -59,12 +58,16 @@ DEFAULTS = {
              "noise_seed": 0},        # seed of the Brownian noise stream (Eq. 4)
     "model": {"proj_hidden": 512, "proj_dim": 128, "pred_hidden": 512,  # ResNet-18 heads (App. 7.2)
               "head_norm": "bn"},     # norm in the projector/predictor: bn | ln | none (Tab. 13)
-    "optim": {"lr": 0.4, "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},
+    "optim": {"name": "lars", "lr": 0.4,  # App. 7.1: LARS, base lr 0.4 (ImageNet-100; STL-10 0.5, ImageNet 0.15)
+              "lr_scaling": "linear",     # App. 7.1: base_lr x batch/256 (x K, in train())
+              "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},  # App. 7.1
+    "ema": {"tau": 0.99, "schedule": "cosine"},  # not stated (§3.1: BYOL's target); ours: BYOL-MHE's 300-epoch τ
     "augment": {"blur_p": [1.0], "solarize_p": [0.2]},  # Tab. 9: every view
     "eval": {"knn_k": [200, 20, 5],   # weighted kNN (T = eval.knn_t); 20/200-NN of Tab. 4
              "knn_majority_k": [5]},  # majority-vote kNN at the end: the 5-NN of Tab. 1
 }
-CHOICES = {"model.head_norm": ("bn", "ln", "none")}
+CHOICES = {"model.head_norm": ("bn", "ln", "none"), "loss.K": "x >= 2", "loss.lambda_s": "x >= 0",
+           "loss.lambda_b": "x >= 0", "eval.knn_majority_k": "x >= 1"}
 
 
 # --------------------------------------------------------------------------- the paper's pieces
@@ -142,145 +145,60 @@ def knn_majority(encoder, loaders, device, ks):
     return {f"{k}_majority": v for k, v in acc.items()}
 
 
+def msbreg_loss(model, target, xs, n, loss_cfg):
+    """(MSBReg, Eq. 2) L = L_c + λ_s L_s + λ_b L_b on K views ``xs`` with the Brownian directions ``n``
+    (one per image): the step's loss and its parts."""
+    L = loss_cfg
+    p = model(xs).float()                                   # [K, B, d], fp32 losses (under autocast)
+    with torch.no_grad():
+        z_t = torch.stack([target(x) for x in xs]).float()  # [K, B, d]
+    l_c = (centroid_loss(p, z_t) if L.centroid else byol_loss(p, z_t)).mean()  # (Eq. 3), or BYOL's Eq. 1
+    l_s = torch.zeros((), device=p.device)
+    if L.lambda_s != 0:  # (Eq. 5-6) covariance over the global batch: gather every process's rows
+        p_all = dist.all_gather_grad(p.transpose(0, 1).contiguous()).transpose(0, 1)
+        l_s = singular_value_loss(p_all, L.s_normalized)
+    l_b = brownian_loss(p, n).mean()                        # (Eq. 4)
+    return l_c + L.lambda_s * l_s + L.lambda_b * l_b, {"loss_c": l_c, "loss_s": l_s, "loss_b": l_b}
+
+
 # --------------------------------------------------------------------------- training
 def train(cfg):
-    K, lam_s, lam_b = cfg.loss.K, cfg.loss.lambda_s, cfg.loss.lambda_b
-    if K < 2 or (not cfg.loss.centroid and K != 2):
-        raise UserError(f"loss.K={K}: need K >= 2 views, and K = 2 with loss.centroid=false (BYOL's Eq. 1)")
-    dev = dist.device(cfg)
-    run = log.run_dir(cfg, METHOD)
-    ckpt_file = checkpoint.resume_path(run, cfg.resume)
-    state = checkpoint.load(ckpt_file) if ckpt_file else None
-    if state and state["config"].get("loss", {}).get("K") != K:
-        raise UserError(f"the checkpoint was written with loss.K={state['config'].get('loss', {}).get('K')}, "
-                        f"this run has loss.K={K}: resume with the run's own config.yaml")
-    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
-    logger.config(cfg)
-    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+    K = cfg.loss.K
+    if not cfg.loss.centroid and K != 2:
+        raise UserError(f"loss.K={K} with loss.centroid=false: BYOL's Eq. 1 is for K = 2 views")
+    run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
+    views = ViewMaker(cfg.augment, K, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+                      seed=cfg.seed + 1000 * dist.rank())  # K views per image, made on the training device
+    loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
+    noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, run.device)  # the same stream on every rank
 
-    # data: SSL images (uint8 batches, K views made on the device) and un-augmented eval sets
-    ssl_set = data.load(cfg.data, "ssl")
-    mean, std = data.stats(cfg.data.name)
-    views = ViewMaker(cfg.augment, K, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = loaders.eval_loaders(cfg)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
-                        f"{len(ssl_set)} training images: lower optim.batch_size")
-    noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, dev)  # same stream on every rank
-
-    # model: online f, g, h and the EMA target (f, g); SyncBN across processes
-    online = Online(cfg.model)
-    if dist.world_size() > 1 and cfg.model.sync_bn:
-        online = dist.convert_sync_bn(online, dev.type == "cuda")
-    online = online.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    # model: online f, g, h; the EMA target (f, g); LARS with lr = base x batch/256 x K (App. 7.1)
+    online = run.to_device(Online(cfg.model))
     target = deepcopy(nn.Sequential(online.f, online.g))
     ema = EMA(target, nn.Sequential(online.f, online.g))
-    peak_lr = scaled_lr(cfg.optim, lr_factor=K)  # (MSBReg, App. 7.1) base x batch/256 x K
+    peak_lr = scaled_lr(cfg.optim, lr_factor=K)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
-    model = dist.ddp(online, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model = dist.ddp(online, run.device)
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views, noise=noise)
 
-    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None)  # counters saved with each checkpoint
-    if state:  # exact resume: weights, optimizer, counters, RNG streams (views and Brownian noise)
-        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views, noise=noise)
-        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
-        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
-        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
-    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
-
-    def save(path):
-        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
-        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views,
-                                            noise=noise), path)
-
-    images_seen, t_train, metrics = 0, 0.0, {}
-    while epoch < cfg.optim.epochs:
-        sampler.set_epoch(epoch)
-        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
-        t0 = time.time()
-        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
-            if batch_in_epoch == steps_per_epoch * accum:
-                break  # drop a last incomplete accumulation group
-            # ---- one forward: K views, every view through online and target
-            xs = views(batch)
-            n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
-                p = model(xs).float()                                  # [K, B, d]
-                with torch.no_grad():
-                    z_t = torch.stack([target(x) for x in xs]).float()  # [K, B, d]
-                l_c = (centroid_loss(p, z_t) if cfg.loss.centroid else byol_loss(p, z_t)).mean()  # (Eq. 3 / 1)
-                l_s = torch.zeros((), device=dev)
-                if lam_s != 0:  # (Eq. 5-6) covariance over the global batch: gather every process's rows
-                    p_all = dist.all_gather_grad(p.transpose(0, 1).contiguous()).transpose(0, 1)
-                    l_s = singular_value_loss(p_all, cfg.loss.s_normalized)
-                l_b = brownian_loss(p, n).mean()                       # (Eq. 4)
-                loss = l_c + lam_s * l_s + lam_b * l_b                 # (Eq. 2)
-                (loss / accum).backward()
-            batch_in_epoch += 1
-            images_seen += xs[0].shape[0] * dist.world_size()
-            if not last_micro:
-                continue
-            # ---- optimizer step (every accum forwards), then the EMA target update
-            lr = lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
-            set_lr(opt, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
-            ema.update(tau)
-            step += 1
-            # ---- logging (each term of Eq. 2 separately), NaN guard, step checkpoints
-            if step % cfg.log.every == 0 or step == total_steps:
-                losses = dist.all_reduce_mean(torch.stack([loss, l_c, l_s, l_b]).float()).tolist()
-                if any(v != v or abs(v) == float("inf") for v in losses):
-                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
-                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_c": losses[1],
-                            "loss_s": losses[2], "loss_b": losses[3], "lr": lr, "tau": tau})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
-                save(run / "checkpoints" / "last.pt")
-            if step == cfg.checkpoint.stop_after_step:
-                if dist.is_main():
-                    save(run / "checkpoints" / "last.pt")
-                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
-                return None
-        t_train += time.time() - t0
-        epoch, batch_in_epoch = epoch + 1, 0
-
-        # ---- end of epoch: kNN monitor, alignment/uniformity (Tab. 12), checkpoint
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
-            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(xs[0], xs[1]))
-            logger.log({"step": step, "epoch": epoch, **metrics})
-            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
-                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
-                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-            save(run / "checkpoints" / "last.pt")
-            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
-                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-        dist.barrier()
-
-    # ---- final evaluation: weighted kNN, majority 5-NN, linear probe (offline, frozen encoder), summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        if cfg.eval.knn_majority_k:
-            final.update(knn_majority(online.f, eval_loaders, dev, cfg.eval.knn_majority_k))
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "K": K, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **linear,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
-    dist.barrier()
-    return None
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        xs = views(batch)
+        n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
+        with run.micro_step(model, last_micro):
+            loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
+            run.backward(loss)
+        if not last_micro:
+            continue
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
+        set_lr(opt, lr)
+        run.optimizer_step(opt, online)
+        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
+        ema.update(tau)  # ξ <- τξ + (1-τ)θ
+        run.step_done(loss, {**logs, "lr": lr, "tau": tau})  # metrics, NaN guard, checkpoints, stops
+    majority = knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k) \
+        if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
+    run.finish({"K": K, **majority})
 
 
 if __name__ == "__main__":

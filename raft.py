@@ -50,8 +50,6 @@ import json
 import os
 import statistics
 import sys
-import time
-from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
 
@@ -59,13 +57,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import checkpoint, data, dist, loaders, log
+from common import data, dist
 from common.augment import ViewMaker
-from common.config import UserError, parse
+from common.config import parse
 from common.ema import EMA, tau_at
-from common.evaluate import final_linear_eval, monitor, uniformity
+from common.evaluate import uniformity
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.run import Run
 
 METHOD = "raft"
 DEFAULTS = {  # App. B: ResNet-18, projector 512-BN-ReLU-128, predictor without BN, Adam 3e-4, batch 128, τ 0.996
@@ -85,7 +84,10 @@ DEFAULTS = {  # App. B: ResNet-18, projector 512-BN-ReLU-128, predictor without 
     "eval": {"linear_epochs": 100, "linear_lr": 5.0e-4, "linear_optimizer": "adam"},  # App. B
 }
 CHOICES = {"model.predictor": ("mlp", "linear", "linear_identity_init", "none"), "model.pred_norm": ("none", "bn"),
-           "loss.objective": ("byol", "byol_prime", "raft"), "optim.schedule": ("constant", "cosine")}
+           "loss.objective": ("byol", "byol_prime", "raft"), "optim.schedule": ("constant", "cosine"),
+           "loss.alpha": "x >= 0; the α > 0 of Eq. 9-11",
+           "loss.beta": "x >= 0; the β > 0 of Eq. 9-11, loss.objective sets the sign: Tab. 3's β = -1 for RAFT is "
+                        "objective=raft beta=1"}
 SIGN = {"byol_prime": +1.0, "raft": -1.0}  # Eq. 10: +β L_cross;  Eq. 11: −β L_cross  (Tab. 3's β = SIGN · β)
 LAMBDA_MIN = 1e-6  # |λ| floor of the tangential surrogate (λ = <p̂, ẑ'> = 0 only for orthogonal unit vectors)
 
@@ -161,156 +163,92 @@ class Online(nn.Module):
         return zs, [self.q(z) for z in zs]
 
 
+def raft_loss(model, target, x1, x2, loss_cfg):
+    """One forward (Alg. 1 lines 4-8) on two views: the loss of ``loss.objective`` (Eq. 4 / 10 / 11) and, for
+    the logs, the plain Eq. 2 and Eq. 6 terms and L_uniform(f) (Tab. 1; the tangential surrogate has another
+    value)."""
+    (z1, z2), (p1, p2) = model([x1, x2])  # online p = q(g(f(x)))
+    with torch.no_grad():
+        t1, t2 = target(x1), target(x2)   # the mean teacher's z' = g_ξ(f_ξ(x))
+    p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()  # losses in fp32 (under autocast)
+    loss = objective(loss_cfg, p1, p2, t1, t2)
+    with torch.no_grad():
+        logs = {"loss_align": alignment_loss(p1, p2).mean(), "loss_cross": cross_model_loss(p1, p2, t1, t2).mean(),
+                "uniform_f": (uniformity(dist.all_gather_grad(z1.float()))
+                              + uniformity(dist.all_gather_grad(z2.float()))) / 2}
+    return loss, logs
+
+
+class EpochMeans:
+    """L_align(q∘f) and L_uniform(f) averaged over the forwards of each epoch, logged at its end; Tab. 1 averages
+    the last 10 epochs. Saved in the checkpoint (a run resumed mid-epoch keeps its partial sums)."""
+
+    def __init__(self, device):
+        self.sums, self.history = torch.zeros(3, dtype=torch.float64, device=device), []
+
+    def add(self, logs):
+        self.sums += torch.stack([dist.all_reduce_mean(logs["loss_align"].double()), logs["uniform_f"].double(),
+                                  torch.ones((), dtype=torch.float64, device=self.sums.device)])
+
+    def epoch_end(self, epoch):
+        align_qf, uniform_f = (self.sums[:2] / self.sums[2].clamp_min(1)).tolist()
+        self.history = (self.history + [[epoch, align_qf, uniform_f]])[-10:]
+        self.sums.zero_()
+        return {"align_qf": align_qf, "uniform_f": uniform_f}
+
+    def last10(self):
+        h = self.history
+        return {"align_qf_last10": sum(x[1] for x in h) / len(h) if h else None,
+                "uniform_f_last10": sum(x[2] for x in h) / len(h) if h else None, "last10_epochs": [x[0] for x in h]}
+
+    def state_dict(self):
+        return {"sums": self.sums.tolist(), "history": self.history}
+
+    def load_state_dict(self, sd):
+        self.sums = torch.tensor(sd["sums"], dtype=torch.float64, device=self.sums.device)
+        self.history = [list(x) for x in sd["history"]]
+
+
 # --------------------------------------------------------------------------- training
 def train(cfg):
     lc = cfg.loss
-    if lc.alpha < 0 or lc.beta < 0:
-        raise UserError(f"loss.alpha={lc.alpha}, loss.beta={lc.beta} must be >= 0: they are the α, β > 0 of Eq. 9-11 "
-                        "and loss.objective sets the sign (Tab. 3's β = -1 for RAFT is objective=raft beta=1)")
-    dev = dist.device(cfg)
-    run = log.run_dir(cfg, METHOD)
-    ckpt_file = checkpoint.resume_path(run, cfg.resume)
-    state = checkpoint.load(ckpt_file) if ckpt_file else None
-    logger = log.Logger(run, dist.is_main(), resume_step=state["counters"]["step"] if state else None)
-    logger.config(cfg)
-    dist.seed_everything(cfg.seed)  # same initial weights on every rank
+    run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
-    # data: SSL images (uint8 batches, augmented on the device) and un-augmented eval sets
-    ssl_set = data.load(cfg.data, "ssl")
-    mean, std = data.stats(cfg.data.name)
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, mean, std, dev, seed=cfg.seed + 1000 * dist.rank())
-    loader, sampler = loaders.train_loader(ssl_set, cfg, views, dev)
-    eval_loaders = loaders.eval_loaders(cfg)
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * accum} exceeds the "
-                        f"{len(ssl_set)} training images: lower optim.batch_size")
-
-    # model: online f, g, q and the mean teacher (f, g); SyncBN across processes
-    def build_online():
-        net = Online(cfg.model)
-        if dist.world_size() > 1 and cfg.model.sync_bn:
-            net = dist.convert_sync_bn(net, dev.type == "cuda")
-        return net.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    online = build_online()
-    mt = deepcopy(online) if cfg.model.same_init else build_online()  # false: a second, independent draw
+    # model: online f, g, q and the mean teacher (f, g): a copy, or an independent draw (model.same_init)
+    online = run.to_device(Online(cfg.model))
+    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model))
     target = nn.Sequential(mt.f, mt.g)
     ema = EMA(target, nn.Sequential(online.f, online.g))
-    peak_lr = scaled_lr(cfg.optim)
+    peak_lr = scaled_lr(cfg.optim)  # App. B: Adam 3e-4, no scaling
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
-    model = dist.ddp(online, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    model = dist.ddp(online, run.device)
+    tab1 = EpochMeans(run.device)
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views, tab1=tab1,
+              epoch_end=lambda: tab1.epoch_end(run.epoch))
 
-    # counters saved with each checkpoint; acc = this epoch's sums of L_align(q∘f), L_uniform(f), batches
-    c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, acc=[0.0, 0.0, 0.0], history=[])
-    if state:  # exact resume: weights, optimizer, counters, RNG streams
-        c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
-        logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
-        c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
-        logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
-    step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
-    acc = torch.tensor(c["acc"], dtype=torch.float64, device=dev)
-
-    def save(path):
-        c.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, acc=acc.tolist())
-        checkpoint.save(checkpoint.snapshot(cfg, c, online=online, target=target, optimizer=opt, views=views), path)
-
-    images_seen, t_train, metrics = 0, 0.0, {}
-    while epoch < cfg.optim.epochs:
-        sampler.set_epoch(epoch)
-        sampler.skip_batches = batch_in_epoch  # resume mid-epoch
-        t0 = time.time()
-        for batch, _ in logger.progress(loader, len(loader), f"epoch {epoch}"):
-            if batch_in_epoch == steps_per_epoch * accum:
-                break  # drop a last incomplete accumulation group
-            # ---- one forward (Alg. 1 lines 4-6): two views, online p = q(g(f(x))) and the MT z' = g_ξ(f_ξ(x))
-            x1, x2 = views(batch)
-            last_micro = (batch_in_epoch + 1) % accum == 0
-            with (model.no_sync() if not last_micro and dist.world_size() > 1 else nullcontext()), amp:
-                (z1, z2), (p1, p2) = model([x1, x2])
-                with torch.no_grad():
-                    t1, t2 = target(x1), target(x2)
-                p1, p2, t1, t2 = p1.float(), p2.float(), t1.float(), t2.float()
-                loss = objective(lc, p1, p2, t1, t2)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
-                (loss / accum).backward()  # Alg. 1 line 10
-            with torch.no_grad():  # the plain Eq. 2 / Eq. 6 values (the tangential surrogate has another value)
-                l_align = alignment_loss(p1, p2).mean()
-                l_cross = cross_model_loss(p1, p2, t1, t2).mean()
-                l_unif = (uniformity(dist.all_gather_grad(z1.float()))
-                          + uniformity(dist.all_gather_grad(z2.float()))) / 2
-                acc += torch.stack([dist.all_reduce_mean(l_align.double()), l_unif.double(), torch.ones_like(acc[0])])
-            batch_in_epoch += 1
-            images_seen += x1.shape[0] * dist.world_size()
-            if not last_micro:
-                continue
-            # ---- optimizer step (every accum forwards; Alg. 1 line 11), then the MT update (line 12)
-            lr = peak_lr if cfg.optim.schedule == "constant" else \
-                lr_at(step, total_steps, cfg.optim.warmup_epochs * steps_per_epoch, peak_lr)
-            set_lr(opt, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tau = tau_at(step, total_steps, cfg.ema.tau, cfg.ema.schedule)
-            ema.update(tau)
-            step += 1
-            # ---- logging, NaN guard, step checkpoints
-            if step % cfg.log.every == 0 or step == total_steps:
-                losses = dist.all_reduce_mean(torch.stack([loss, l_align, l_cross]).float()).tolist()
-                if any(v != v or abs(v) == float("inf") for v in losses):
-                    raise UserError(f"loss is {losses[0]} at step {step}: training diverged. The last good "
-                                    f"checkpoint in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-                logger.log({"step": step, "epoch": epoch, "loss": losses[0], "loss_align": losses[1],
-                            "loss_cross": losses[2], "lr": lr, "tau": tau})
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and dist.is_main():
-                save(run / "checkpoints" / "last.pt")
-            if step == cfg.checkpoint.stop_after_step:
-                if dist.is_main():
-                    save(run / "checkpoints" / "last.pt")
-                logger.print(f"stopped after step {step} as asked (checkpoint.stop_after_step)")
-                return None
-        t_train += time.time() - t0
-        epoch, batch_in_epoch = epoch + 1, 0
-
-        # ---- end of epoch: L_align(q∘f), L_uniform(f) of the epoch (Tab. 1), kNN monitor, checkpoint
-        align_qf, uniform_f = (acc[:2] / acc[2].clamp_min(1)).tolist()
-        c["history"] = (c["history"] + [[epoch, align_qf, uniform_f]])[-10:]
-        acc.zero_()
-        logger.log({"step": step, "epoch": epoch, "align_qf": align_qf, "uniform_f": uniform_f})
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
-            metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
-            logger.log({"step": step, "epoch": epoch, **metrics})
-            logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} align_qf {align_qf:.3e} "
-                         f"uniform_f {uniform_f:.3f} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if dist.is_main() and (epoch % cfg.checkpoint.every == 0 or epoch == cfg.optim.epochs):
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {step}: training diverged. The last good checkpoint "
-                                f"in {run / 'checkpoints'} is kept; lower optim.lr and resume=auto")
-            save(run / "checkpoints" / "last.pt")
-            if cfg.checkpoint.keep_every and epoch % cfg.checkpoint.keep_every == 0:
-                save(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-        dist.barrier()
-
-    # ---- final evaluation: kNN, linear probe (offline, frozen encoder), Tab. 1 metrics, summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        last = c["history"]
-        tab1 = {"align_qf_last10": sum(h[1] for h in last) / len(last) if last else None,
-                "uniform_f_last10": sum(h[2] for h in last) / len(last) if last else None,
-                "last10_epochs": [h[0] for h in last]}
-        logger.summary({"method": METHOD, "objective": lc.objective, "predictor": cfg.model.predictor,
-                        "tangential": lc.tangential, "alpha": lc.alpha, "beta": lc.beta,
-                        "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta, "seed": cfg.seed,
-                        "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "knn_init": c["knn_init"],
-                        **final, **linear, **tab1,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
-    dist.barrier()
-    return None
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        x1, x2 = views(batch)
+        with run.micro_step(model, last_micro):
+            loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
+            run.backward(loss)  # Alg. 1 line 10
+        tab1.add(logs)
+        if not last_micro:
+            continue
+        lr = peak_lr if cfg.optim.schedule == "constant" else lr_at(run.step, run.total_steps, run.warmup_steps,
+                                                                      peak_lr)
+        set_lr(opt, lr)
+        run.optimizer_step(opt, online)  # Alg. 1 line 11
+        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
+        ema.update(tau)  # the mean teacher (Alg. 1 line 12)
+        run.step_done(loss, {"loss_align": logs["loss_align"], "loss_cross": logs["loss_cross"], "lr": lr,
+                             "tau": tau})
+    run.finish({"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
+                "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
+                "seed": cfg.seed, **tab1.last10()})
 
 
 # --------------------------------------------------------------------------- several seeds (App. B: 3 seeds)

@@ -17,13 +17,23 @@ from common.config import UserError
 
 
 def save(state, path):
+    """Write ``state`` to ``path`` atomically; a failed write (disk full, ...) leaves no temporary file and
+    the previous checkpoint intact, and is one ``UserError`` naming the cause."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"could not write the checkpoint {path.resolve()} ({e.strerror or e}); "
+                            f"{'the previous one is intact' if path.exists() else 'no earlier checkpoint'}: "
+                            "free some space or set out_dir=...") from None
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -60,32 +70,54 @@ def resume_path(run_dir, resume):
     return Path(resume)
 
 
-MUST_MATCH = ("model", "optim.name", "optim.batch_size", "optim.accum_steps", "data.name", "data.image_size")
+# Resuming: a checkpoint's state only fits a run with the same values under FIXED; a change under any other
+# key except FREE alters training and is refused unless ``resume_allow_changes: true`` (then recorded).
+FIXED = ("model", "optim.name", "optim.batch_size", "optim.accum_steps", "data.name", "data.image_size")
+FREE = ("name", "out_dir", "resume", "resume_allow_changes", "requeue", "device", "channels_last", "compile",
+        "log", "checkpoint", "eval", "dist", "data.root", "data.download", "data.workers", "data.on_device")
 
 
-def _get(cfg, dotted):
-    for k in dotted.split("."):
-        cfg = cfg.get(k) if isinstance(cfg, dict) else None
-    return cfg
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
-def snapshot(cfg, counters, **objects):
+def _under(key, prefixes):
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_resume(state, cfg, method):
+    """Can this run continue ``state``? The same method, the same values under ``FIXED``, and no change that
+    alters training unless ``cfg.resume_allow_changes``. Returns the allowed changes ``{key: [old, new]}``;
+    anything else is one ``UserError`` naming the differing keys."""
+    hint = "resume with the run's own config.yaml, or start a new run with name=..."
+    if state.get("method", method) != method:
+        raise UserError(f"the checkpoint was written by {state['method']}.py, not {method}.py: {hint}")
+    old, new = _flat(state["config"]), _flat(cfg.plain())
+    diff = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    say = lambda keys: ", ".join(f"{k}: {diff[k][0]} -> {diff[k][1]}" for k in keys)  # noqa: E731
+    fixed = [k for k in diff if _under(k, FIXED)]
+    if fixed:
+        raise UserError(f"the checkpoint does not fit this run ({say(fixed)}): {hint}")
+    changed = [k for k in diff if not _under(k, FREE)]
+    if changed and not cfg.resume_allow_changes:
+        raise UserError(f"resuming with settings that alter training ({say(changed)}): {hint}; or set "
+                        "resume_allow_changes=true to continue with them (recorded in metrics.jsonl and summary.json)")
+    return {k: diff[k] for k in changed}
+
+
+def snapshot(cfg, counters, method, **objects):
     """Everything a run needs to continue: each object's ``state_dict()``, the counters
-    (step, epoch, ...), the RNG states and the resolved config."""
+    (step, epoch, ...), the RNG states, the method and the resolved config."""
     return {**{k: o.state_dict() for k, o in objects.items()}, "counters": dict(counters),
-            "rng": rng_state(), "config": cfg.plain()}
+            "rng": rng_state(), "method": method, "config": cfg.plain()}
 
 
 def restore(state, cfg, **objects):
-    """Load a ``snapshot`` into ``objects`` and the RNGs; returns the counters.
-
-    A checkpoint written with another model/optimizer/batch set-up is one clear ``UserError``.
-    """
-    for key in MUST_MATCH:
-        old, new = _get(state.get("config", {}), key), _get(cfg, key)
-        if old != new:
-            raise UserError(f"the checkpoint was written with {key}={old}, this run has {key}={new}: resume with "
-                            "the run's own config.yaml, or start a new run with name=...")
+    """Load a ``snapshot`` into ``objects`` and the RNGs; returns the counters (check with ``check_resume``
+    first). A state that does not fit an object is one clear ``UserError``."""
     for name, obj in objects.items():
         try:
             obj.load_state_dict(state[name])

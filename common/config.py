@@ -9,10 +9,13 @@ Resolution order (later wins)::
                    <-  --config FILE.yaml            <-  --set key.sub=value ...
 
 Strict: every key of the file and of ``--set`` must exist in the defaults, its
-value must have the default's type (an int is accepted for a float), values in
-``CHOICES`` must be one of the listed ones, and a default of ``REQUIRED`` must
-be given. Any violation raises ``UserError`` naming the key and what is valid.
-``null`` defaults accept any value.
+value must have the default's type (an int is accepted for a float), a value
+with an entry in ``CHOICES`` must be one of the listed ones (a tuple) or lie in
+the range written there (a string such as ``"0 < x <= 1"``; for a list every
+item, with ``increasing`` / ``not empty`` where said; a hint after ``;``), and a default of
+``REQUIRED`` must be given. Any violation raises ``UserError`` naming the key,
+the value and what is valid, before anything is loaded or trained. ``null``
+defaults accept any value.
 
 Usage in a script::
 
@@ -70,7 +73,9 @@ BASE = {
     "seed": 0,
     "device": "auto",        # auto: cuda if available else cpu
     "resume": "none",        # none | auto (last checkpoint of the run folder) | path/to/checkpoint.pt
-    "precision": "fp32",     # fp32 | bf16 (autocast)
+    "resume_allow_changes": False,  # resume with settings that alter training (recorded); default: refused
+    "requeue": False,        # under SLURM: after a SIGUSR1 stop (sbatch --signal=USR1@120), scontrol requeue
+    "precision": "fp32",     # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     "channels_last": False,  # memory format for conv nets on CUDA
     "compile": False,        # torch.compile the encoder (SyncBN left eager; first steps pay the compile time)
     "data": {
@@ -96,33 +101,24 @@ BASE = {
         "blur_sigma": [0.1, 2.0],
         "solarize_p": [0.0, 0.2],        # per view
     },
-    "model": {
+    "model": {                     # the encoder; each script adds its heads (a paper's choice)
         "arch": "resnet18",
         "width": 64,               # 64 = torchvision's ResNet; smaller for CPU-sized runs
         "cifar_stem": True,        # 3x3 stride-1 conv, no max-pool
         "norm": "bn",              # bn | gn | ln | none (no-BN ablations)
         "zero_init_residual": False,
         "sync_bn": True,           # SyncBatchNorm when training on more than one process
-        "proj_hidden": 4096,
-        "proj_dim": 256,
-        "pred_hidden": 4096,
     },
-    "optim": {
-        "name": "lars",            # lars | sgd | adam | adamw
-        "lr": 0.3,                 # base lr, scaled by lr_scaling
+    "optim": {                     # each script adds its paper's name, lr, weight_decay, batch_size, epochs,
+                                   # warmup_epochs (and an EMA script its ema: tau, schedule)
         "lr_scaling": "linear",    # linear: lr = base * batch_size * accum_steps / 256 | none
-        "weight_decay": 1.0e-6,
         "momentum": 0.9,
         "eta": 0.001,              # LARS trust coefficient
         "exclude_bias_norm": True,  # no weight decay / LARS adaptation for biases and norm parameters
         "betas": [0.9, 0.999],     # adam/adamw
-        "epochs": 100,
-        "warmup_epochs": 10,
-        "batch_size": 256,         # global batch of one forward (all processes together)
         "accum_steps": 1,          # optimizer (and EMA) step every N forwards
         "clip_grad": 0.0,          # 0: off
     },
-    "ema": {"tau": 0.99, "schedule": "cosine"},  # cosine: 1-(1-tau)(cos(pi k/K)+1)/2 | constant
     "eval": {
         "every": 1,                # epochs between kNN evaluations (0: only at the end)
         "knn_k": [200],            # first entry is the monitored kNN
@@ -145,22 +141,40 @@ BASE = {
     "dist": {
         "nproc": 1,                # >1: spawn N local processes (ignored under torchrun / srun)
         "backend": "auto",         # auto: nccl on CUDA, gloo on CPU
+        "timeout_min": 30,         # a collective waiting longer than this fails (a dead or stalled rank)
     },
 }
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16", "fp16"),
     "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "toy2d"),
     "augment.path": ("batched", "cpu", "hybrid"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.norm": ("bn", "gn", "ln", "none"),
     "optim.name": ("lars", "sgd", "adam", "adamw"),
     "optim.lr_scaling": ("linear", "none"),
-    "ema.schedule": ("cosine", "constant"),
+    "ema.schedule": ("cosine", "constant"),  # cosine: 1-(1-tau)(cos(pi k/K)+1)/2
     "eval.linear": ("fast", "paper", "none"),
     "eval.linear_optimizer": ("sgd", "adam"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    # ranges (x: the value, or each item of a list)
+    "seed": "x >= 0", "data.image_size": "x >= 1", "data.workers": "x >= 0",
+    "augment.crop_scale": "0 < x <= 1, increasing", "augment.crop_ratio": "x > 0, increasing",
+    "augment.flip_p": "0 <= x <= 1", "augment.jitter": "x >= 0", "augment.jitter_p": "0 <= x <= 1",
+    "augment.gray_p": "0 <= x <= 1", "augment.blur_p": "0 <= x <= 1, not empty",
+    "augment.blur_sigma": "x > 0, increasing", "augment.solarize_p": "0 <= x <= 1, not empty",
+    "model.width": "x >= 1", "model.proj_hidden": "x >= 1", "model.proj_dim": "x >= 1", "model.pred_hidden": "x >= 1",
+    "optim.lr": "x >= 0; 0 keeps the initial weights (a random-init baseline)", "optim.weight_decay": "x >= 0", "optim.momentum": "0 <= x < 1", "optim.eta": "x > 0",
+    "optim.betas": "0 <= x < 1", "optim.epochs": "x >= 1", "optim.warmup_epochs": "x >= 0",
+    "optim.batch_size": "x >= 1", "optim.accum_steps": "x >= 1", "optim.clip_grad": "x >= 0",
+    "ema.tau": "0 <= x <= 1",
+    "eval.every": "x >= 0", "eval.knn_k": "x >= 1, not empty", "eval.knn_t": "x > 0", "eval.batch_size": "x >= 1",
+    "eval.linear_epochs": "x >= 1", "eval.linear_lr": "x > 0", "eval.linear_batch_size": "x >= 1",
+    "eval.linear_weight_decay": "x >= 0",
+    "log.every": "x >= 1", "checkpoint.every": "x >= 1", "checkpoint.keep_every": "x >= 0",
+    "checkpoint.every_steps": "x >= 0", "checkpoint.stop_after_step": "x >= 0",
+    "dist.nproc": "x >= 1", "dist.timeout_min": "x > 0",
 }
 
 
@@ -220,6 +234,17 @@ def _check_value(key, default, v, where):
     return v
 
 
+def in_range(v, spec):
+    """Does ``v`` (a number, or a list of numbers) satisfy the range ``spec`` ("0 < x <= 1, increasing; hint")?"""
+    cond, *flags = [s.strip() for s in spec.split(";")[0].split(",")]
+    items = v if isinstance(v, list) else [v]
+    if "not empty" in flags and not items:
+        return False
+    if "increasing" in flags and any(a > b for a, b in zip(items, items[1:])):
+        return False
+    return all(isinstance(x, (int, float)) and eval(cond, {}, {"x": x}) for x in items)  # our own constants
+
+
 def _check_resolved(cfg, choices, prefix=""):
     for k, v in cfg.items():
         key = prefix + k
@@ -227,7 +252,11 @@ def _check_resolved(cfg, choices, prefix=""):
             _check_resolved(v, choices, key + ".")
         elif v == REQUIRED:
             raise UserError(f"missing required config value '{key}': set it in the YAML file or with --set {key}=...")
-        elif key in choices and v not in choices[key]:
+        elif isinstance(choices.get(key), str) and v is not None and not in_range(v, choices[key]):
+            rng, _, hint = choices[key].partition(";")
+            raise UserError(f"config key '{key}' = {v!r} is out of range: allowed {rng}"
+                            + (f" ({hint.strip()})" if hint else ""))
+        elif isinstance(choices.get(key), tuple) and v not in choices[key]:
             raise UserError(f"config key '{key}' = {v!r} is not one of: {', '.join(map(str, choices[key]))}")
 
 
@@ -316,6 +345,9 @@ def _parse(argv, method_defaults=None, method_choices=None, method="run"):
     cfg = resolve(defaults, layers, {**CHOICES, **(method_choices or {})}, PRESETS)
     if cfg.name is None:
         cfg.name = Path(args.config).stem if args.config else "default"
+    if not isinstance(cfg.name, str) or not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
+        raise UserError(f"name={cfg.name!r} must be a plain folder name (no / or \\): the run folder is "
+                        "out_dir/<method>/<name>; set out_dir=... to choose where")
     return cfg
 
 

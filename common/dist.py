@@ -20,11 +20,17 @@ loss computes the same global term; the gather's backward sums the ranks'
 gradients; DDP divides by the world size).
 
 A ``UserError`` anywhere is printed as one line (``error: ...``) and the
-process exits with status 2.
+process exits with status 2; a ``Stopped`` run prints its line and exits with
+its code. Collectives time out after ``dist.timeout_min`` minutes, so no rank
+waits forever on a dead peer; the spawning launcher names the rank that failed.
+Decisions that stop a run use ``agree`` / ``any_rank`` (over a Gloo group, also
+under NCCL: no GPU sync), so that every rank takes the same one.
 """
 import ctypes
+import datetime
 import os
 import random
+import signal
 import socket
 import sys
 
@@ -50,6 +56,53 @@ def is_main():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+class Stopped(Exception):
+    """The run stopped early on request (a signal, ``checkpoint.stop_after_step``, nothing left to do) after
+    saving its work: ``_run`` prints ``message`` on rank 0 and exits with ``code``."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+_CONTROL = []  # the Gloo group of agree / any_rank (the default group unless that is NCCL)
+_ON_EXIT = []  # functions to call when train() returns or raises (lock release, signal handlers)
+
+
+def on_exit(fn):
+    """Call ``fn()`` when this process's ``train()`` ends, however it ends (last registered, first called)."""
+    _ON_EXIT.append(fn)
+
+
+def _control():
+    return _CONTROL[0] if _CONTROL else None
+
+
+def agree(fn):
+    """Run ``fn()`` on rank 0; if it raises a ``UserError``, every rank raises the same one."""
+    msg = None
+    if is_main():
+        try:
+            fn()
+        except UserError as e:
+            msg = str(e)
+    if world_size() > 1:
+        box = [msg]
+        dist.broadcast_object_list(box, src=0, group=_control())
+        msg = box[0]
+    if msg is not None:
+        raise UserError(msg)
+
+
+def any_rank(flag):
+    """True on every rank if ``flag`` is true on any rank (a CPU all-reduce: no device sync)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control())
+    return bool(t.item())
 
 
 def device(cfg):
@@ -209,36 +262,62 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _init(cfg):
+    """Join the process group (``dist.timeout_min`` for every collective) and make the control group."""
+    backend = cfg.dist.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    timeout = datetime.timedelta(minutes=cfg.dist.timeout_min)
+    dist.init_process_group(backend, timeout=timeout)
+    _CONTROL[:] = [dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None]
+
+
 def _run(train, cfg):
-    """Run ``train(cfg)`` in this process, turning a UserError into one line and exit status 2."""
+    """Run ``train(cfg)`` in this process: a UserError is one line and exit status 2, a Stopped run its line
+    and code."""
+    code, msg = 0, None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            backend = cfg.dist.backend
-            if backend == "auto":
-                backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            _init(cfg)
         return train(cfg)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0" or not dist.is_initialized():
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code, msg = 2, f"error: {e}"
+    except Stopped as e:
+        code, msg = e.code, str(e)
     finally:
+        while _ON_EXIT:
+            _ON_EXIT.pop()()
         if dist.is_initialized():
             dist.destroy_process_group()
+        _CONTROL.clear()
+        if msg and os.environ.get("RANK", "0") == "0":
+            print(msg, file=sys.stderr if code else sys.stdout, flush=True)
+    sys.stdout.flush()
+    if code:
+        sys.exit(code)
 
 
 def _spawned(local_rank, train, cfg, nproc, port):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _run(train, cfg)
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ONEFILE_SPAWNED="1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which sends us SIGTERM
+    try:  # Linux: SIGTERM (checkpoint, then exit) if the launcher dies
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    code = 0
+    try:
+        _run(train, cfg)
+    except SystemExit as e:
+        code = e.code or 0
     # Done: every file is written and closed. Skip the interpreter's teardown: after the process group is
     # destroyed, a Gloo process now and then aborts there (SIGABRT, "terminate called without an active
     # exception"; ~1 in 15 of our 2-process unit tests), which would report a finished run as failed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def launch(train, cfg):
@@ -254,8 +333,25 @@ def launch(train, cfg):
             sys.exit(2)
     if "RANK" in env or cfg.dist.nproc <= 1:
         return _run(train, cfg)
+    ctx = torch.multiprocessing.start_processes(_spawned, args=(train, cfg, cfg.dist.nproc, _free_port()),
+                                                nprocs=cfg.dist.nproc, join=False, start_method="spawn")
+
+    def forward(signum, frame):  # Ctrl-C, SIGTERM, SIGUSR1 to the launcher: every rank stops at the same step
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, forward)
     try:
-        torch.multiprocessing.spawn(_spawned, args=(train, cfg, cfg.dist.nproc, _free_port()),
-                                    nprocs=cfg.dist.nproc)
-    except torch.multiprocessing.ProcessExitedException as e:
-        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
+        while not ctx.join():
+            pass
+    except torch.multiprocessing.ProcessExitedException as e:  # the others are terminated by then
+        code = e.exit_code if e.exit_code and e.exit_code > 0 else 1
+        if code not in (2, 3):  # 2: a UserError (printed by rank 0), 3: stopped (printed by rank 0)
+            print(f"error: process {e.error_index} (rank {e.error_index}) exited with code {e.exit_code}",
+                  file=sys.stderr, flush=True)
+        sys.exit(code)
+    except torch.multiprocessing.ProcessRaisedException as e:
+        last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
+        print(f"error: process {e.error_index} (rank {e.error_index}) failed: {last}", file=sys.stderr, flush=True)
+        sys.exit(1)

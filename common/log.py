@@ -3,8 +3,10 @@
 ``runs/<method>/<name>/`` holds ``config.yaml`` (the resolved config),
 ``metrics.jsonl`` (one JSON object per logging step and per evaluation),
 ``checkpoints/`` and, at the end, ``summary.json``. On resume the metric lines
-past the checkpoint's step are dropped, so a resumed run's file reads like an
-uninterrupted one.
+past the checkpoint's step are dropped (and a torn last line), so a resumed
+run's file reads like an uninterrupted one; a fresh run in a folder that holds
+an earlier run's ``metrics.jsonl`` / ``summary.json`` (but no checkpoint) moves
+them aside first (``metrics.<time>.jsonl``) and says so.
 """
 import json
 import os
@@ -16,6 +18,17 @@ from tqdm import tqdm
 
 from common import config as config_lib
 from common.config import UserError
+
+
+def _records(path):
+    """The JSON lines of ``path`` (a torn line, e.g. from a kill during a write, is skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            pass
+    return out
 
 
 def run_dir(cfg, method):
@@ -38,16 +51,26 @@ class Logger:
         self.metrics = self.path / "metrics.jsonl"
         self.start = time.time()
         if enabled and resume_step is not None and self.metrics.exists():
-            keep = [line for line in self.metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line, rec in _records(self.metrics) if rec.get("step", 0) <= resume_step]
             self.metrics.write_text("".join(line + "\n" for line in keep))
+        elif enabled and resume_step is None:  # a fresh run: an earlier run's records are kept aside
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for f in (self.metrics, self.path / "summary.json"):
+                if f.exists():
+                    old = f.with_name(f"{f.stem}.{stamp}{f.suffix}")
+                    f.rename(old)
+                    self.print(f"note: {f.name} of an earlier run (no checkpoint) moved to {old}")
 
     def print(self, *msg):
         if self.enabled:
             tqdm.write(" ".join(str(m) for m in msg), file=sys.stdout)
+            sys.stdout.flush()
 
-    def config(self, cfg):
+    def config(self, cfg, keep_old=None):
+        """Write ``config.yaml`` (and print it); ``keep_old``: first rename the existing one to that name."""
         if self.enabled:
+            if keep_old and (self.path / "config.yaml").exists():
+                (self.path / "config.yaml").rename(self.path / keep_old)
             config_lib.save(cfg, self.path / "config.yaml")
             self.print(config_lib.dump(cfg))
 

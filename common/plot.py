@@ -218,8 +218,8 @@ def wp_snapshots(run):
     snaps = {}
     for p in sorted(run.path.glob("checkpoints/*.pt")):
         s = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: read W_p, not the whole file
-        if "W_p" in s:
-            snaps.setdefault(s["counters"]["epoch"], {"W_p": s["W_p"]})
+        if "W_p.weight" in s.get("online", {}):
+            snaps.setdefault(s["counters"]["epoch"], {"W_p": s["online"]["W_p.weight"]})
     for p in sorted(run.path.glob("predictor/W_p_epoch_*.pt")):
         s = torch.load(p, map_location="cpu", weights_only=True)
         snaps[s["epoch"]] = s

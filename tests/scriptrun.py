@@ -71,16 +71,22 @@ class Script:
                                        msg=lambda m: f"{k}: {m}")
         return a, b
 
-    def assert_resume_exact(self, tmp_path, *overrides, parts=("online",), steps=8):
-        """Stopped after step 3 (mid-epoch) and resumed vs uninterrupted: bit-equal tensors of every part in
-        ``parts`` and the same per-step log. Returns both checkpoints (uninterrupted, resumed)."""
+    def assert_resume_exact(self, tmp_path, *overrides, parts=("online",), steps=8, cuts=(3, 4)):
+        """Stopped after each step of ``cuts`` (3: mid-epoch; 4: an epoch's last step, before its evaluation and
+        checkpoint) and resumed vs uninterrupted: bit-equal tensors of every part in ``parts`` and the same
+        metrics.jsonl (steps and evaluations). Returns both checkpoints (uninterrupted, last resumed)."""
         self.run(tmp_path, *overrides, name="full")
-        self.run(tmp_path, *overrides, "checkpoint.stop_after_step=3", name="cut")
-        self.run(tmp_path, *overrides, "resume=auto", name="cut")
-        a, b = self.checkpoint(tmp_path, "full"), self.checkpoint(tmp_path, "cut")
-        assert a["counters"]["step"] == b["counters"]["step"] == steps
-        for part in parts:
-            for k in a[part]:
-                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
-        assert self.steps(tmp_path, "cut") == self.steps(tmp_path, "full")
+        a = self.checkpoint(tmp_path, "full")
+        for cut in cuts:
+            name = f"cut{cut}"
+            self.run(tmp_path, *overrides, f"checkpoint.stop_after_step={cut}", name=name)
+            assert self.checkpoint(tmp_path, name)["counters"]["step"] == cut
+            self.run(tmp_path, *overrides, "resume=auto", name=name)
+            b = self.checkpoint(tmp_path, name)
+            assert a["counters"]["step"] == b["counters"]["step"] == steps
+            for part in parts:
+                for k, v in a[part].items():
+                    same = torch.equal(v, b[part][k]) if torch.is_tensor(v) else v == b[part][k]
+                    assert same, f"{part}.{k} differs after resume at step {cut}"
+            assert self.metrics(tmp_path, name) == self.metrics(tmp_path, "full"), f"metrics differ (cut {cut})"
         return a, b

@@ -9,7 +9,7 @@ from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
 QUICK = ROOT / "configs" / "quickstart" / "byol_uniform.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
-        "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
+        "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1", "eval.knn_k=[20]"]
 S = Script("byol_uniform", TINY)
 run, metrics, params = S.run, S.metrics, S.checkpoint
 
@@ -20,7 +20,7 @@ def test_smoke_run_writes_every_output(tmp_path):
     for f in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json"):
         assert (d / f).is_file(), f
     s = json.loads((d / "summary.json").read_text())
-    for k in ("knn200", "knn_init", "linear_top1", "alignment", "uniformity", "wall_time_s", "images_per_s"):
+    for k in ("knn20", "knn_init", "linear_top1", "alignment", "uniformity", "wall_time_s", "images_per_s"):
         assert k in s, k
     steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
     assert len(steps) == 4 and all(m["loss_uni"] < 0 for m in steps)  # 128 / 32 = 4 steps, Eq. 3 is a log-mean
@@ -60,16 +60,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, name="n")  # one good epoch, checkpoint written
     ck = tmp_path / "byol_uniform" / "n" / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30",
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", "resume_allow_changes=true",
                               name="n", check=False))
-    assert "diverged" in line and "last good checkpoint" in line
+    assert "diverged" in line and f"the last good checkpoint is {ck} (step 4)" in line
     assert ck.read_bytes() == good
 
 
 def test_resume_with_another_model_is_refused(tmp_path):
     run(tmp_path, "checkpoint.stop_after_step=2", name="m")
     line = one_clear_line(run(tmp_path, "resume=auto", "model.width=16", name="m", check=False))
-    assert "model=" in line and "config.yaml" in line
+    assert "(model.width: 8 -> 16)" in line and "config.yaml" in line
 
 
 def test_corrupt_checkpoint_stops_and_is_left_alone(tmp_path):

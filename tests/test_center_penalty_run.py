@@ -9,7 +9,7 @@ from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
 QUICK = ROOT / "configs" / "quickstart" / "center_penalty.yaml"
 TOYS = ROOT / "configs" / "center_penalty"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
-        "model.proj_dim=16", "model.pred_hidden=8", "optim.batch_size=32", "optim.epochs=1", "eval.linear_epochs=2"]
+        "model.proj_dim=16", "model.pred_hidden=8", "optim.batch_size=32", "optim.epochs=1", "eval.linear_epochs=2", "eval.knn_k=[20]"]
 S = Script("center_penalty", TINY)
 run, folder, metrics, summary, params = S.run, S.folder, S.metrics, S.summary, S.checkpoint
 
@@ -21,13 +21,13 @@ def test_image_smoke_run_logs_s_every_step_and_knn_every_epoch(tmp_path, variant
     for f in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json"):
         assert (d / f).is_file(), f
     s = summary(tmp_path, "r")
-    for k in ("knn200", "knn_init", "linear_top1", "center_norm", "s_norm_test", "s_norm", "wall_time_s"):
+    for k in ("knn20", "knn_init", "linear_top1", "center_norm", "s_norm_test", "wall_time_s"):
         assert k in s, k
     steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]  # 128 / 32: ||s|| logged at every step
     assert all(0 <= m["s_norm"] <= 1 for m in steps)
     assert all(("l_inv" in m) == (variant == "center_penalty") for m in steps)
-    evals = [m for m in metrics(tmp_path, "r") if "knn200" in m]
+    evals = [m for m in metrics(tmp_path, "r") if "knn20" in m]
     assert len(evals) == 1 and 0 <= evals[0]["s_norm_test"] <= 1
 
 
@@ -72,8 +72,9 @@ def test_bad_inputs_stop_with_one_clear_line(tmp_path):
     toy = ["toy.seeds=[0]", "toy.n_per_class=20", "optim.batch_size=20", "optim.epochs=1"]
     run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False)
     before = (folder(tmp_path, "t") / "metrics.jsonl").read_text()
-    line = one_clear_line(run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False, check=False))
-    assert "already holds a toy run" in line and (folder(tmp_path, "t") / "metrics.jsonl").read_text() == before
+    p = run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False)  # a fresh run: the old one aside
+    kept = list(folder(tmp_path, "t").glob("metrics.*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == before and f"moved to {kept[0]}" in p.stdout
     line = one_clear_line(run(tmp_path, "optim.batch_size=512", name="big", check=False))
     assert "lower optim.batch_size" in line
 
@@ -82,7 +83,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run(tmp_path, name="n")  # one good epoch, checkpoint written
     ck = folder(tmp_path, "n") / "checkpoints" / "last.pt"
     good = ck.read_bytes()
-    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", name="n", check=False))
+    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", "resume_allow_changes=true",
+                              name="n", check=False))
     assert "diverged" in line and "last good checkpoint" in line
     assert ck.read_bytes() == good
 

@@ -15,7 +15,7 @@ from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
 QUICK = ROOT / "configs" / "quickstart" / "msbreg.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
-        "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1"]
+        "optim.warmup_epochs=0", "eval.linear_epochs=2", "log.every=1", "eval.knn_k=[100,20,5]"]
 S = Script("msbreg", TINY, extra=["log.progress=false"])
 run, metrics, params = S.run, S.metrics, S.checkpoint
 
@@ -26,10 +26,10 @@ def test_smoke_run_writes_every_output_and_logs_each_term(tmp_path):
     for f in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "summary.json"):
         assert (d / f).is_file(), f
     s = json.loads((d / "summary.json").read_text())
-    for k in ("knn200", "knn20", "knn5", "knn5_majority", "knn_init", "linear_top1", "alignment", "uniformity",
+    for k in ("knn100", "knn20", "knn5", "knn5_majority", "knn_init", "linear_top1", "alignment", "uniformity",
               "feature_std", "wall_time_s", "images_per_s"):
         assert k in s, k
-    assert s["K"] == 4 and s["knn_k"] == 200 and s["knn_t"] == 0.1
+    assert s["K"] == 4 and s["knn_k"] == 100 and s["knn_t"] == 0.1
     steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
     assert len(steps) == 4  # 128 / 32 = 4 steps
     for m in steps:  # Eq. 2 from its logged terms; L_c in [0, 4], L_b in [-1, 1], L_s >= 0
@@ -60,12 +60,12 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
     line = one_clear_line(run(tmp_path, "loss.K=1", check=False))
-    assert "loss.K=1" in line
+    assert "'loss.K' = 1 is out of range: allowed x >= 2" in line
     line = one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
     assert "loss.centroid=false" in line
     run(tmp_path, "checkpoint.stop_after_step=1", "loss.K=2", name="k")
     line = one_clear_line(run(tmp_path, "resume=auto", "loss.K=4", name="k", check=False))
-    assert "loss.K=2" in line and "config.yaml" in line
+    assert "loss.K: 2 -> 4" in line and "config.yaml" in line
 
 
 def test_bad_method_keys_are_one_line_config_errors(capsys):

@@ -1,0 +1,357 @@
+"""The run's bookkeeping around a method script's training loop, written once.
+
+A script's ``train(cfg)`` shows the method (views, forward, loss, backward, optimizer step, EMA) and
+calls a ``Run`` for everything else::
+
+    run = Run(cfg, METHOD)                     # run folder (locked), logger, resume state, seeds, signals
+    loader = run.loader(views)                 # this rank's SSL batches
+    online = run.to_device(Online(cfg.model))  # SyncBN over processes, device, memory format
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume or random-init kNN
+    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
+        x1, x2 = views(batch)
+        with run.micro_step(model, last_micro):    # autocast; DDP no_sync inside an accumulation group
+            loss, logs = method_loss(...)
+            run.backward(loss)                     # loss / accum_steps (GradScaler under fp16)
+        if not last_micro:
+            continue
+        set_lr(opt, lr_at(run.step, ...)); run.optimizer_step(opt, online); ema.update(...)
+        run.step_done(loss, logs)                  # metrics, NaN guard, step checkpoints, stops
+    run.finish({...})                              # final kNN + linear probe, summary.json
+
+Guarantees: a run stopped at any step (a kill, a signal, ``checkpoint.stop_after_step``, an epoch's last
+step included) resumes with ``resume=auto`` to the tensors of the uninterrupted run; the evaluation and
+its alignment views draw nothing from the training's random streams. No checkpoint is written from a
+non-finite loss or non-finite weights; the finiteness flag lives on the device and is read only at log
+and checkpoint steps. SIGTERM, SIGUSR1 and SIGINT finish the current optimizer step on every rank (the
+ranks agree on the step), write ``last.pt`` and exit with ``EXIT_STOPPED``; under SLURM with
+``requeue: true`` a SIGUSR1 also requeues the job. Decisions that stop a run are taken the same way on
+every rank, which all exit with the same line and code.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from common import checkpoint, data, dist, loaders, log
+from common.augment import MultiViewDataset, ViewMaker
+from common.config import UserError
+from common.evaluate import final_linear_eval, monitor
+
+EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=auto continues
+ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+class Run:
+    def __init__(self, cfg, method):
+        self.cfg, self.method = cfg, method
+        self.device = dist.device(cfg)
+        self.dir = log.run_dir(cfg, method)
+        dist.agree(lambda: lock(self.dir))  # one run per folder; a dead process's lock is taken over
+        if dist.is_main():
+            dist.on_exit(lambda: unlock(self.dir))
+        ckpt = checkpoint.resume_path(self.dir, cfg.resume)
+        self.state = checkpoint.load(ckpt) if ckpt else None
+        self._changes = checkpoint.check_resume(self.state, cfg, method) if ckpt else {}
+        if ckpt and self._finished():
+            raise dist.Stopped(0, f"run {self.dir} already finished (step {self.state['counters']['step']}, "
+                                  "summary.json); nothing to do: set name=... for a new run")
+        self.logger = log.Logger(self.dir, dist.is_main(), resume_step=self.state["counters"]["step"] if ckpt else None)
+        if ckpt:
+            self.logger.print(f"resuming {ckpt} at step {self.state['counters']['step']}")
+        self.logger.config(cfg, keep_old=f"config_until_step{self.state['counters']['step']}.yaml"
+                           if self._changes else None)
+        dist.seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.accum = cfg.optim.accum_steps
+        self.c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, images=0, train_s=0.0, wall_s=0.0,
+                      config_changes=[])
+        self._saved = (ckpt, self.state["counters"]["step"]) if ckpt else None  # the last good checkpoint
+        self._signal, self._ok = None, torch.ones((), dtype=torch.bool, device=self.device)
+        self._t_start, self._evaluated, self._stop = time.time(), None, False
+        self._install_signal_handlers()
+
+    # ------------------------------------------------------------------ set-up
+    def loader(self, views):
+        """This rank's SSL batches (``loaders.train_loader``); fixes the steps per epoch and the eval sets."""
+        cfg = self.cfg
+        self._ssl = data.load(cfg.data, "ssl")
+        self._loader, self._sampler = loaders.train_loader(self._ssl, cfg, views, self.device)
+        self.steps_per_epoch = len(self._loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise UserError(f"optim.batch_size x optim.accum_steps = {cfg.optim.batch_size * self.accum} exceeds "
+                            f"the {len(self._ssl)} training images: lower optim.batch_size")
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.optim.warmup_epochs * self.steps_per_epoch
+        self.eval_sets = loaders.eval_loaders(cfg)
+        bank = len(self.eval_sets["train"].dataset)
+        if max(cfg.eval.knn_k) > bank:
+            raise UserError(f"eval.knn_k={cfg.eval.knn_k} asks for more neighbours than the {bank} images of the "
+                            "kNN memory bank (the labelled training set): lower eval.knn_k")
+        self._local_batch = cfg.optim.batch_size // dist.world_size()
+        return self._loader
+
+    def to_device(self, module):
+        """SyncBatchNorm when several processes train (``model.sync_bn``), then the device and memory format."""
+        if dist.world_size() > 1 and self.cfg.model.sync_bn:
+            module = dist.convert_sync_bn(module, self.device.type == "cuda")
+        fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
+        return module.to(self.device, memory_format=fmt)
+
+    def start(self, encoder, extra_metrics=None, epoch_end=None, **objects):
+        """Remember what a checkpoint holds (``objects``: anything with ``state_dict``), then restore them from
+        the resume checkpoint, or log the kNN of the random-init ``encoder`` (the baseline SSL must beat).
+
+        ``extra_metrics()``: the script's own metrics at each evaluation (every rank calls it);
+        ``epoch_end()``: metrics logged at the end of every epoch."""
+        self.encoder, self.objects = encoder, objects
+        self._extra, self._epoch_end = extra_metrics or dict, epoch_end or dict
+        precision = self.cfg.precision
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        if self.state:
+            self.c.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
+            if self._changes:  # resume_allow_changes: recorded in metrics.jsonl and summary.json
+                self.c["config_changes"] = self.c["config_changes"] + [{"step": self.step, **self._changes}]
+                self.logger.log({"step": self.step, "epoch": self.epoch, "config_changed": self._changes})
+            self.state = None
+        else:
+            k = self.cfg.eval.knn_k[0]
+            self.c["knn_init"] = monitor(encoder, self.eval_sets, self.device, self.cfg.eval)[f"knn{k}"]
+            self.logger.log({"step": 0, "epoch": 0, f"knn{k}_init": self.c["knn_init"], **self._extra()})
+
+    @property
+    def step(self):
+        return self.c["step"]
+
+    @property
+    def epoch(self):
+        return self.c["epoch"]
+
+    # ------------------------------------------------------------------ the loop
+    def batches(self, loader):
+        """Yield ``(batch, last_micro)`` for the rest of the run: every epoch from the resumed position (the
+        batches a checkpoint has consumed are skipped; an incomplete last accumulation group is dropped);
+        ``last_micro`` is true on the forward that completes an accumulation group (optimizer step due).
+        At each epoch's end: ``epoch_end`` metrics, evaluation (``eval.every``), checkpoints
+        (``checkpoint.every``, ``keep_every``). Raises ``dist.Stopped`` when a stop was asked for."""
+        c, cfg, per_epoch = self.c, self.cfg, self.steps_per_epoch * self.accum
+        while c["epoch"] < cfg.optim.epochs:
+            self._sampler.set_epoch(c["epoch"])
+            self._sampler.skip_batches = c["batch_in_epoch"]
+            t0 = time.time()
+            if c["batch_in_epoch"] < per_epoch:  # (a run stopped at an epoch's last step resumes at its end)
+                for batch, _ in self.logger.progress(loader, len(loader), f"epoch {c['epoch']}"):
+                    if c["batch_in_epoch"] == per_epoch:
+                        break
+                    c["batch_in_epoch"] += 1
+                    c["images"] += self._local_batch * dist.world_size()
+                    yield batch, c["batch_in_epoch"] % self.accum == 0
+                    if self._stop:
+                        c["train_s"] += time.time() - t0
+                        self._stop_now()
+            c["train_s"] += time.time() - t0
+            c["epoch"], c["batch_in_epoch"] = c["epoch"] + 1, 0
+            self._end_of_epoch()
+            if self._stop_asked():
+                self._stop_now()
+
+    def micro_step(self, model, last_micro):
+        """Context of one forward/backward: autocast (``precision``), and ``model.no_sync()`` on the forwards of
+        an accumulation group that do not end it (DDP then all-reduces the gradients once per step)."""
+        stack = ExitStack()
+        if not last_micro and dist.world_size() > 1:
+            stack.enter_context(model.no_sync())
+        stack.enter_context(torch.autocast(self.device.type, self._amp_dtype, enabled=self.cfg.precision != "fp32"))
+        return stack
+
+    def backward(self, loss):
+        """Gradients of ``loss / accum_steps``, summed over the group (scaled by the GradScaler under fp16)."""
+        self.scaler.scale(loss / self.accum).backward()
+
+    def optimizer_step(self, optimizer, model):
+        """Clip (``optim.clip_grad``), step (through the GradScaler: skipped on inf gradients under fp16), zero."""
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step_done(self, loss, logs=None):
+        """Count the optimizer step; every ``log.every`` steps log the mean over ranks of ``loss`` and ``logs``
+        (tensors or numbers) and check that they are finite; write ``last.pt`` every
+        ``checkpoint.every_steps``; stop here on a signal or at ``checkpoint.stop_after_step``."""
+        c, cfg, logs = self.c, self.cfg, logs or {}
+        c["step"] += 1
+        self._ok &= torch.isfinite(loss.detach()).all()
+        if c["step"] % cfg.log.every == 0 or c["step"] == self.total_steps:
+            names = [k for k, v in logs.items() if torch.is_tensor(v)]
+            vals = torch.stack([loss.detach().float(), *(logs[k].detach().float() for k in names),
+                                self._ok.float()])
+            vals = dist.all_reduce_mean(vals).tolist()
+            if vals[-1] < 1 or any(v != v or abs(v) == float("inf") for v in vals[:-1]):
+                self._diverged(vals[0])
+            self.logger.log({"step": c["step"], "epoch": c["epoch"], "loss": vals[0], **dict(zip(names, vals[1:])),
+                             **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
+        if cfg.checkpoint.every_steps and c["step"] % cfg.checkpoint.every_steps == 0:
+            self.save("last.pt")
+        self._stop = self._stop_asked()
+
+    # ------------------------------------------------------------------ end of epoch, end of run
+    def evaluate(self):
+        """Metrics of the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
+        alignment of two fixed views of fixed images, and the script's ``extra_metrics``."""
+        out = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval, views=self._alignment_views())
+        return {**out, **self._extra()}
+
+    def _end_of_epoch(self):
+        c, cfg = self.c, self.cfg
+        last = c["epoch"] == cfg.optim.epochs
+        extra = self._epoch_end()
+        if extra:
+            self.logger.log({"step": c["step"], "epoch": c["epoch"], **extra})
+        if last or (cfg.eval.every and c["epoch"] % cfg.eval.every == 0):
+            self._evaluated = (c["epoch"], self.evaluate())
+            metrics = self._evaluated[1]
+            self.logger.log({"step": c["step"], "epoch": c["epoch"], **metrics})
+            self.logger.print(f"epoch {c['epoch']} step {c['step']} " + " ".join(
+                f"{k} {v:.4g}" for k, v in {**extra, **metrics}.items() if isinstance(v, (int, float)) and "/" not in k))
+        if last or c["epoch"] % cfg.checkpoint.every == 0:
+            self.save("last.pt")
+            if cfg.checkpoint.keep_every and c["epoch"] % cfg.checkpoint.keep_every == 0:
+                self.save(f"epoch_{c['epoch']:04d}.pt")
+
+    def finish(self, fields=None):
+        """Final evaluation (the last epoch's, if it ran in this process), the linear probe, ``summary.json``."""
+        c, cfg = self.c, self.cfg
+        final = self._evaluated[1] if self._evaluated and self._evaluated[0] == c["epoch"] else self.evaluate()
+        linear = final_linear_eval(self.encoder, self.eval_sets, self.device, cfg)
+        wall = c["wall_s"] + time.time() - self._t_start
+        self.logger.summary({"method": self.method, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                             "knn_init": c["knn_init"], **final, **linear, **(fields or {}),
+                             "images_per_s": round(c["images"] / max(c["train_s"], 1e-9), 1),
+                             "train_time_s": round(c["train_s"], 2), "wall_time_s": round(wall, 2),
+                             "steps": c["step"], "epochs": c["epoch"], "config_changes": c["config_changes"]})
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints, stops
+    def save(self, name):
+        """Write ``checkpoints/<name>`` (rank 0) after every rank checked that the loss and weights are finite."""
+        ok = self._ok & torch.stack([p.isfinite().all() for p in self._params()]).all()
+        if dist.all_reduce_mean(ok.float()).item() < 1:
+            self._diverged(float("nan"))
+        path = self.dir / "checkpoints" / name
+        self.c["wall_s"] += time.time() - self._t_start
+        self._t_start = time.time()
+        if dist.is_main():
+            checkpoint.save(checkpoint.snapshot(self.cfg, self.c, self.method, scaler=self.scaler, **self.objects),
+                            path)
+        self._saved = (path, self.c["step"])
+        dist.barrier()
+
+    def _params(self):
+        return [p for o in self.objects.values() if isinstance(o, torch.nn.Module) for p in o.parameters()] or \
+            [torch.zeros(())]
+
+    def _diverged(self, value):
+        where = (f"the last good checkpoint is {self._saved[0]} (step {self._saved[1]}): lower optim.lr and "
+                 "resume=auto" if self._saved else "no checkpoint was written before: lower optim.lr and start again")
+        raise UserError(f"loss or weights are not finite ({value}) by step {self.step}: training diverged; {where}")
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._signal is None:
+                self._signal = signal.Signals(signum).name
+                self.logger.print(f"{self._signal}: finishing the current step, then writing a checkpoint")
+        for name in SIGNALS:
+            if os.environ.get("ONEFILE_SPAWNED") and name == "SIGINT":
+                continue  # spawned ranks: the launcher forwards Ctrl-C as SIGTERM
+            old = signal.signal(getattr(signal, name), handler)
+            dist.on_exit(lambda n=name, o=old: signal.signal(getattr(signal, n), o))
+
+    def _stop_asked(self):
+        """Did any rank get a signal, or is this ``checkpoint.stop_after_step``? The same answer on every rank."""
+        return dist.any_rank(self._signal is not None) or self.step == self.cfg.checkpoint.stop_after_step
+
+    def _stop_now(self):
+        self.save("last.pt")
+        if self._signal is None:
+            raise dist.Stopped(0, f"stopped after step {self.step} as asked (checkpoint.stop_after_step)")
+        msg = f"stopped by {self._signal or 'a signal'} after step {self.step}: {self._saved[0]} written; " \
+              "continue with resume=auto"
+        if self.cfg.requeue and "SLURM_JOB_ID" in os.environ and dist.is_main():
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+            msg += f"; SLURM job {os.environ['SLURM_JOB_ID']} requeued"
+        raise dist.Stopped(EXIT_STOPPED, msg)
+
+    def _finished(self):
+        summary = self.dir / "summary.json"
+        try:
+            done = json.loads(summary.read_text()).get("steps") == self.state["counters"]["step"]
+        except (OSError, ValueError):
+            return False
+        return done and self.state["counters"]["epoch"] >= self.cfg.optim.epochs
+
+    def _alignment_views(self):
+        """Two views of the first 128 SSL images, made afresh at each evaluation from ``ALIGN_SEED``: the same
+        pairs every epoch, and no draw from any of the training's random streams."""
+        cfg, n = self.cfg, min(128, len(self._ssl))
+        maker = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), self.device, ALIGN_SEED)
+        with torch.random.fork_rng(devices=[]):
+            if maker.path == "batched":
+                batch = self._ssl.images[:n]
+            else:
+                ds = MultiViewDataset(self._ssl, maker.cpu_transforms(), ALIGN_SEED)
+                batch = default_collate([ds[i] for i in range(n)])[0]
+            return maker(batch)
+
+
+# ---------------------------------------------------------------------- the run folder's lock
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock(run_dir):
+    """Take ``run_dir/.lock`` (pid, host); refuse if a live process holds it; take over a dead one's lock."""
+    path, host = Path(run_dir) / ".lock", socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
+                raise UserError(f"run folder {Path(run_dir).resolve()} is in use by pid {owner.get('pid')} on "
+                                f"{owner.get('host')} (since {owner.get('since')}): wait for it or set name=...; if "
+                                f"that process is gone, delete {path.resolve()}") from None
+            print(f"note: took over the lock of pid {owner.get('pid')}, which is no longer running", flush=True)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return
+    raise UserError(f"could not take the lock {path.resolve()}: another run is starting in that folder")
+
+
+def unlock(run_dir):
+    path = Path(run_dir) / ".lock"
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
