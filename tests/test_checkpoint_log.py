@@ -13,7 +13,7 @@ from common.config import BASE, Cfg, UserError
 def test_atomic_save_and_load_round_trip(tmp_path):
     path = tmp_path / "ck" / "last.pt"
     lin = torch.nn.Linear(2, 3)
-    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 3}, model=lin), path)
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 3}, "m", model=lin), path)
     state = checkpoint.load(path)
     other = torch.nn.Linear(2, 3)
     assert checkpoint.restore(state, Cfg.wrap(BASE), model=other) == {"step": 3}
@@ -23,7 +23,7 @@ def test_atomic_save_and_load_round_trip(tmp_path):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 1}), path)
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 1}, "m"), path)
     with pytest.raises(Exception):
         checkpoint.save({"step": 2, "bad": lambda: 0}, path)  # unpicklable: torch.save fails midway
     assert checkpoint.load(path)["counters"]["step"] == 1
@@ -34,11 +34,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 
 def test_restore_refuses_a_checkpoint_of_another_setup(tmp_path):
     cfg = Cfg.wrap(BASE)
-    state = checkpoint.snapshot(cfg, {"step": 1}, model=torch.nn.Linear(2, 3))
+    state = checkpoint.snapshot(cfg, {"step": 1}, "m", model=torch.nn.Linear(2, 3))
+    assert checkpoint.check_resume(state, cfg, "m") == {}
+    with pytest.raises(UserError, match=r"written by m\.py, not other\.py"):
+        checkpoint.check_resume(state, cfg, "other")
     other = Cfg.wrap(BASE)
     other.model.width = 16
-    with pytest.raises(UserError, match="model="):
-        checkpoint.restore(state, other, model=torch.nn.Linear(2, 3))
+    with pytest.raises(UserError, match=r"does not fit this run \(model.width: 64 -> 16\)"):
+        checkpoint.check_resume(state, other, "m")
+    other = Cfg.wrap(BASE)
+    other.seed, other.augment.flip_p = 1, 0.0
+    with pytest.raises(UserError, match=r"settings that alter training \(augment.flip_p: 0.5 -> 0.0, seed: 0 -> 1\)"):
+        checkpoint.check_resume(state, other, "m")
+    other.resume_allow_changes = True
+    assert checkpoint.check_resume(state, other, "m") == {"augment.flip_p": [0.5, 0.0], "seed": [0, 1]}
+    free = Cfg.wrap(BASE)  # where the run writes, logs and evaluates does not alter training
+    free.log.every, free.eval.every, free.checkpoint.every, free.dist.nproc, free.data.root = 3, 9, 2, 4, "/x"
+    assert checkpoint.check_resume(state, free, "m") == {}
     with pytest.raises(UserError, match="'model' does not fit"):
         checkpoint.restore(state, cfg, model=torch.nn.Linear(2, 4))
 

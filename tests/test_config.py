@@ -2,40 +2,47 @@
 import pytest
 import yaml
 
+import byol_uniform
 from common import config
 from common.config import REQUIRED, UserError
+
+M = byol_uniform.DEFAULTS  # a script's defaults add its paper's optim/ema/model keys to the shared BASE
+
+
+def parse(argv, defaults=M):
+    return config._parse(argv, defaults)
 
 
 def test_defaults_presets_file_and_overrides_in_order(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"data": {"name": "cifar10"}, "optim": {"lr": 2}}))
-    cfg = config._parse(["--config", str(f), "--set", "optim.lr=0.5", "model.width=16"], {"loss": {"t": 2.0}})
+    cfg = parse(["--config", str(f), "--set", "optim.lr=0.5", "model.width=16"])
     assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)   # --set beats file
     assert cfg.model.width == 16 and cfg.loss.t == 2.0                 # method defaults present
     assert cfg.augment.blur_p == [0.0, 0.0]                           # CIFAR preset: no blur
     assert cfg.name == "run"                                          # from the file stem
     f.write_text(yaml.safe_dump({"data": {"name": "cifar10"}, "augment": {"blur_p": [0.5, 0.5]}}))
-    assert config._parse(["--config", str(f)]).augment.blur_p == [0.5, 0.5]  # the file beats the preset
+    assert parse(["--config", str(f)]).augment.blur_p == [0.5, 0.5]  # the file beats the preset
 
 
 def test_unknown_key_names_key_and_valid_choices(tmp_path):
     with pytest.raises(UserError) as e:
-        config._parse(["--set", "optim.lrr=0.1"])
+        parse(["--set", "optim.lrr=0.1"])
     msg = str(e.value)
     assert "optim.lrr" in msg and "Did you mean 'optim.lr'" in msg and "weight_decay" in msg and "\n" not in msg
 
 
 def test_wrong_type_and_bad_choice():
     with pytest.raises(UserError, match=r"'optim.lr' expects float.*got str 'fast'"):
-        config._parse(["--set", "optim.lr=fast"])
+        parse(["--set", "optim.lr=fast"])
     with pytest.raises(UserError, match="expects bool"):
-        config._parse(["--set", "data.download=3"])
+        parse(["--set", "data.download=3"])
     with pytest.raises(UserError, match="expects int"):
-        config._parse(["--set", "optim.epochs=1.5"])
+        parse(["--set", "optim.epochs=1.5"])
     with pytest.raises(UserError, match="'optim.name' = 'rmsprop' is not one of: lars, sgd, adam, adamw"):
-        config._parse(["--set", "optim.name=rmsprop"])
+        parse(["--set", "optim.name=rmsprop"])
     with pytest.raises(UserError, match="must be a mapping"):
-        config._parse(["--set", "optim=3"])
+        parse(["--set", "optim=3"])
 
 
 def test_required_value_must_be_given():
@@ -46,36 +53,66 @@ def test_required_value_must_be_given():
 
 def test_parse_exits_with_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        config.parse(["--set", "optim.lr=abc"])
+        config.parse(["--set", "optim.lr=abc"], M)
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: config key 'optim.lr'")
 
 
 def test_override_values_parse_as_yaml_and_numbers():
-    cfg = config.parse(["--set", "optim.lr=1e-4", "augment.blur_p=[0.5,0]", "data.download=true", "name=x1"])
+    cfg = config.parse(["--set", "optim.lr=1e-4", "augment.blur_p=[0.5,0]", "data.download=true", "name=x1"], M)
     assert cfg.optim.lr == 1e-4 and cfg.augment.blur_p == [0.5, 0.0] and cfg.data.download is True
 
 
 def test_missing_or_broken_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
-        config._parse(["--config", str(tmp_path / "nope.yaml")])
+        parse(["--config", str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
-        config._parse(["--config", str(bad)])
+        parse(["--config", str(bad)])
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = config._parse(["--set", "optim.lr=0.7", "name=x"])
+    cfg = parse(["--set", "optim.lr=0.7", "name=x"])
     config.save(cfg, tmp_path / "config.yaml")
-    again = config._parse(["--config", str(tmp_path / "config.yaml")])
+    again = parse(["--config", str(tmp_path / "config.yaml")])
     assert again == cfg
 
 
 def test_base_file_inheritance(tmp_path):
     (tmp_path / "base.yaml").write_text("optim: {lr: 1.5, epochs: 300}\nmodel: {arch: resnet18}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {epochs: 10}\n")
-    cfg = config._parse(["--config", str(tmp_path / "child.yaml")])
+    cfg = parse(["--config", str(tmp_path / "child.yaml")])
     assert cfg.optim.lr == 1.5 and cfg.optim.epochs == 10 and cfg.name == "child"
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(UserError, match="loops back"):
-        config._parse(["--config", str(tmp_path / "loop.yaml")])
+        parse(["--config", str(tmp_path / "loop.yaml")])
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("optim.lr=-0.1", "'optim.lr' = -0.1 is out of range: allowed x >= 0"),
+    ("ema.tau=1.5", "'ema.tau' = 1.5 is out of range: allowed 0 <= x <= 1"),
+    ("optim.epochs=0", "'optim.epochs' = 0 is out of range: allowed x >= 1"),
+    ("optim.epochs=-1", "'optim.epochs' = -1 is out of range"),
+    ("log.every=0", "'log.every' = 0 is out of range: allowed x >= 1"),
+    ("checkpoint.every=0", "'checkpoint.every' = 0 is out of range"),
+    ("optim.accum_steps=0", "'optim.accum_steps' = 0 is out of range"),
+    ("optim.batch_size=0", "'optim.batch_size' = 0 is out of range"),
+    ("eval.knn_k=[]", "'eval.knn_k' = [] is out of range: allowed x >= 1, not empty"),
+    ("eval.knn_k=[200,0]", "'eval.knn_k' = [200, 0] is out of range"),
+    ("augment.crop_scale=[1.0,0.08]", "'augment.crop_scale' = [1.0, 0.08] is out of range: allowed 0 < x <= 1, increasing"),
+    ("eval.knn_t=0", "'eval.knn_t' = 0.0 is out of range: allowed x > 0"),
+    ("augment.flip_p=2", "'augment.flip_p' = 2.0 is out of range"),
+    ("name=../elsewhere", "must be a plain folder name"),
+    ("name=/abs/path", "must be a plain folder name"),
+])
+def test_values_out_of_range_are_one_line_naming_key_value_and_range(setting, says):
+    with pytest.raises(UserError) as e:
+        parse(["--set", setting])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_in_range_reads_bounds_lists_and_flags():
+    assert config.in_range(0.5, "0 < x <= 1") and not config.in_range(0, "0 < x <= 1")
+    assert config.in_range([0.08, 1.0], "0 < x <= 1, increasing") and not config.in_range([1.0, 0.5], "x > 0, increasing")
+    assert not config.in_range([], "x >= 1, not empty") and config.in_range([], "x >= 1")
+    assert config.in_range(3, "x >= 1; a hint after the semicolon is not part of the range")

@@ -14,8 +14,8 @@ from common import plot
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "tests" / "plot_records"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
-        "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.warmup_epochs=0",
-        "eval.linear=none", "log.every=1000"]
+        "model.proj_dim=16", "optim.batch_size=32", "optim.warmup_epochs=0",
+        "eval.linear=none", "log.every=1000", "eval.knn_k=[20]"]
 
 
 def png_size(path):
@@ -81,10 +81,10 @@ def test_byol_s1_figure_from_a_tiny_checkpoint(tmp_path):
 def test_decorr_wp_figures_from_a_tiny_run_and_chosen_epochs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run_dir = tiny_run(tmp_path, "decorr_nostopgrad", "optim.epochs=3", "eval.every=1", "loss.partitions=4")
-    assert sorted(plot.wp_snapshots(plot.read_run(run_dir))) == [1, 2, 3]
+    assert sorted(plot.wp_snapshots(plot.read_run(run_dir))) == [0, 1, 2, 3]  # at init and every epoch
     written = plot.draw([run_dir], tmp_path / "all")
     assert {p.name: png_size(p) for p in written} == {
-        "decorr_fig1_corr.png": panels(1), "decorr_fig3_wp.png": panels(3), "decorr_fig4_wp.png": panels(2)}
+        "decorr_fig1_corr.png": panels(1), "decorr_fig3_wp.png": panels(4), "decorr_fig4_wp.png": panels(2)}
     plot.main([str(run_dir), "--out", str(tmp_path / "two"), "--epochs", "1", "3"])
     assert str(tmp_path / "two" / "decorr_fig3_wp.png") in capsys.readouterr().out.splitlines()
     assert png_size(tmp_path / "two" / "decorr_fig3_wp.png") == panels(2)
