@@ -344,7 +344,7 @@ class ViewMaker:
 #   cifar10, cifar100      centre crop 28/32 of the *source* image (28 x 28 of a 32 x 32 CIFAR image), then resize
 #                          to size x size (BYOL-MHE App. B.2: "center cropped at 28 x 28 then resized to 32 x 32";
 #                          at size 96, RAFT App. B, the same 28 x 28 crop is resized to 96 x 96)
-#   imagenet, imagenet100  resize the shorter side to 256/224 x size, then centre crop size x size (BYOL-MHE App. B.2: 256, 224)
+#   imagenet, imagenet100  resize the shorter side to 256/224 x size, then centre crop size x size (App. B.2 at 224)
 #   any other dataset      resize to size x size (no-op when the image already has that size)
 # Every crop lies inside the source image: the evaluation never sees padding.
 CIFAR_EVAL_CROP = 28 / 32  # fraction of the source side kept by the CIFAR centre crop
