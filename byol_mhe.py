@@ -33,8 +33,8 @@ gradient (no loop over neurons, no N x N autograd graph; ``hyperspherical_energy
 Precision: float32 throughout, outside autocast. A pair term's relative error is about 2e-7 / (2 - 2cos),
 up to 5x that: <= 1e-4 at angles >= 0.1 rad, ~1e-3 at 0.01 rad, percents below. The clamp bound 1 - 1e-6 is
 0.99999899 in float32, so a clamped a2 pair is 1.2% low (only ||w|| > 10 can reach the clamp: the + 1e-4 in
-||w|| keeps cos <= ||w||²/(||w||² + 1e-4)). float64 would make these exact but doubles the term's time
-(about +9% of a ResNet-18 CPU step at batch 128), and costs far more on GPUs with slow float64.
+||w|| keeps cos <= ||w||²/(||w||² + 1e-4)). float64 would make these exact but takes about 2x the term's time
+(+7-9% of a ResNet-18 CPU step at batch 128), and far more on GPUs with slow float64.
 Deviations from Liu et al.'s code, where we follow the paper's equations. Their hidden-layer energies
 against ours, same weights, both a mean over pairs: s = 1, 2 the same; s = 0, -log(||ŵ_i-ŵ_j||²), exactly
 2x Eq. 8; the angular ones use θ/π and scale a1, a2 by 0.1: a0 = ours + log π, a1 ≈ 0.1π ≈ 0.31x ours,
