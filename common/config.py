@@ -135,7 +135,11 @@ BASE = {
         "linear_weight_decay": 0.0,
         "linear_optimizer": "sgd",
     },
-    "log": {"every": 10, "progress": True},  # steps between metric lines; tqdm bar on rank 0
+    "log": {
+        "every": 10,               # optimizer steps between metric lines of metrics.jsonl
+        "progress": "auto",        # tqdm bar on rank 0: auto (when stderr is a terminal) | true | false
+        "tensorboard": False,      # also write the metrics to run_dir/tensorboard (needs the tensorboard package)
+    },
     "checkpoint": {
         "every": 1,                # epochs between writes of checkpoints/last.pt
         "keep_every": 0,           # also keep checkpoints/epoch_XXXX.pt every N epochs (0: never)
@@ -161,7 +165,10 @@ CHOICES = {
     "eval.linear": ("fast", "paper", "none"),
     "eval.linear_optimizer": ("sgd", "adam"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "log.progress": ("auto", True, False),
 }
+# Keys whose default is a word but which also take a YAML boolean (``log.progress: false``).
+SWITCHES = ("log.progress",)
 
 
 def merge(base, new):
@@ -198,7 +205,7 @@ def _check(defaults, user, where, prefix=""):
 
 
 def _check_value(key, default, v, where):
-    if default is None or default == REQUIRED:
+    if default is None or default == REQUIRED or (key in SWITCHES and isinstance(v, bool)):
         return v
     if isinstance(default, bool):
         ok = isinstance(v, bool)
@@ -228,7 +235,8 @@ def _check_resolved(cfg, choices, prefix=""):
         elif v == REQUIRED:
             raise UserError(f"missing required config value '{key}': set it in the YAML file or with --set {key}=...")
         elif key in choices and v not in choices[key]:
-            raise UserError(f"config key '{key}' = {v!r} is not one of: {', '.join(map(str, choices[key]))}")
+            valid = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices[key])
+            raise UserError(f"config key '{key}' = {v!r} is not one of: {valid}")
 
 
 def parse_overrides(items):

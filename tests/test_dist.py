@@ -124,3 +124,26 @@ def test_keep_freed_memory_in_script_runs_only():
                          env=env)
     got = dict(line.split() for line in out.stdout.splitlines())
     assert int(got["imported"]) >= 20 * 8790 and int(got["launched"]) < 4096, out.stdout
+
+
+LINES = """
+import os, sys
+sys.path.insert(0, {root!r})
+from common import dist
+from common.config import Cfg
+
+
+def train(cfg):
+    print("epoch 1 knn200 12.5")  # a plain print, stdout a pipe (as a file under SLURM)
+    os._exit(0)  # no flush at exit: only what was flushed when printed arrives
+
+
+dist.launch(train, Cfg.wrap({{"device": "cpu", "dist": {{"nproc": 1, "backend": "auto"}}}}))
+"""
+
+
+def test_launched_run_flushes_each_line_into_a_pipe():
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    out = subprocess.run([sys.executable, "-c", LINES.format(root=root)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout == "epoch 1 knn200 12.5\n", out
