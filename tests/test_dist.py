@@ -144,6 +144,6 @@ dist.launch(train, Cfg.wrap({{"device": "cpu", "dist": {{"nproc": 1, "backend": 
 
 def test_launched_run_flushes_each_line_into_a_pipe():
     root = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "PYTHONUNBUFFERED")}
     out = subprocess.run([sys.executable, "-c", LINES.format(root=root)], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout == "epoch 1 knn200 12.5\n", out
