@@ -348,6 +348,8 @@ def eval_transform(name: str, size: int, mean, std) -> T.Compose:
     elif name in ("cifar10", "cifar100"):  # BYOL-MHE App. B.2: centre crop 28, resize 32
         geometry = [T.CenterCrop(round(size * 28 / 32)),
                     T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
+    elif name == "folder":  # any size: shorter side to size, the centre square (no-op at size x size)
+        geometry = [T.Resize(size, interpolation=BICUBIC, antialias=True), T.CenterCrop(size)]
     else:  # no-op when the image already has that size
         geometry = [T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),

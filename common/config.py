@@ -75,12 +75,14 @@ BASE = {
     "compile": False,        # torch.compile the encoder (SyncBN left eager; first steps pay the compile time)
     "data": {
         "name": "synthetic",
-        "root": "data",
+        "root": "data",      # where the datasets are; folder: the folder holding train/ (and val/)
         "download": False,   # only true ever downloads
         "image_size": 32,    # size of the training views
         "val_split": False,  # hold out a validation split (BYOL-MHE App. B.1) and evaluate on it
         "workers": 4,        # DataLoader worker processes (augment.path cpu/hybrid, ImageNet decoding)
         "on_device": False,  # small in-memory datasets: keep the uint8 images on the training device, no workers
+        "mean": None,        # folder only: per-channel mean in [0, 1] units (null: computed once and cached)
+        "std": None,         # folder only: per-channel std (null: computed with the mean)
         "synthetic": {"train_size": 10000, "test_size": 2000, "size": 32, "classes": 10, "seed": 0},
     },
     "augment": {             # BYOL views (Grill et al.; BYOL-MHE App. B.2)
@@ -155,7 +157,8 @@ BASE = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16"),
-    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "toy2d"),
+    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder",
+                  "toy2d"),
     "augment.path": ("batched", "cpu", "hybrid"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.norm": ("bn", "gn", "ln", "none"),
