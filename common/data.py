@@ -515,7 +515,8 @@ def _load_folder(d, split, transform):
     if not classes:  # unlabelled: SSL on all; the label-free diagnostics on a fixed sample
         _say(f"data: {root}/train holds images without class folders: unlabelled, SSL only; kNN and linear "
              f"accuracy are off (nan), uniformity/centre norm/feature std/alignment use "
-             f"{min(len(train), FOLDER_EVAL_SAMPLE)} of its images. For accuracies sort them into train/<class>/ (and val/<class>/)")
+             f"{min(len(train), FOLDER_EVAL_SAMPLE)} of its images. For accuracies sort them into train/<class>/ "
+             "(and val/<class>/)")
         if split == "ssl":
             return _subset(train, everything, transform)
         g = torch.Generator().manual_seed(VAL_SEED)
@@ -527,8 +528,8 @@ def _load_folder(d, split, transform):
         val_classes, _, val = _folder_images(val_dir, "val")
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
-            raise UserError(f"data.name=folder: {val_dir} has class folders that train/ lacks ({', '.join(unknown[:3])})"
-                            ": val/ and train/ need the same class names")
+            raise UserError(f"data.name=folder: {val_dir} has class folders that train/ lacks "
+                            f"({', '.join(unknown[:3])}): val/ and train/ need the same class names")
         to_train = torch.tensor([classes.index(c) for c in val_classes] or [0])
         return _subset(val, torch.arange(len(val)), transform, labels=to_train[val.labels])
     if not os.path.isdir(val_dir):

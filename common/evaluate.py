@@ -275,7 +275,7 @@ def final_linear_eval(encoder, loaders, device, cfg):
     random-crop + flip loader ``loaders["train_aug"]`` / ``loaders["augment"]`` (BYOL-MHE App. D: SGD).
     """
     e = cfg.eval
-    if e.linear == "none" or loaders["num_classes"] == 0:  # 0: no labels (an unlabelled data.name=folder)
+    if e.linear == "none" or loaders.get("num_classes") == 0:  # 0: no labels (an unlabelled data.name=folder)
         return {}
     if e.linear == "fast":
         train_f, train_y = extract_features(encoder, loaders["train"], device)

@@ -86,8 +86,8 @@ def train_loader(dataset, cfg, views, device):
     on_device, path = cfg.data.on_device, cfg.augment.path
     if on_device and (path != "batched" or not isinstance(dataset, TensorImages)):
         raise UserError(f"data.on_device=true needs an in-memory dataset (synthetic, cifar10, cifar100, stl10, "
-                        f"fashion_mnist, a small folder of one image size) and augment.path=batched; got data.name={cfg.data.name}, "
-                        f"augment.path={path}: set data.on_device=false")
+                        f"fashion_mnist, a small folder of one image size) and augment.path=batched; got "
+                        f"data.name={cfg.data.name}, augment.path={path}: set data.on_device=false")
     if path != "batched":  # per-image transforms in DataLoader workers
         dataset = MultiViewDataset(dataset, views.cpu_transforms(), cfg.seed)
     elif not isinstance(dataset, TensorImages):

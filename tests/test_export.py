@@ -119,7 +119,8 @@ def test_every_scripts_online_network_exports(tmp_path, script):
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(net.eval()(x), online.f(x))
     g = torch.load(tmp_path / "g.pt", weights_only=True)
-    assert g.keys() == online.g.state_dict().keys() and all(torch.equal(g[k], v) for k, v in online.g.state_dict().items())
+    want = online.g.state_dict()
+    assert g.keys() == want.keys() and all(torch.equal(g[k], v) for k, v in want.items())
     # Decorr's projector has no Linear biases (model.proj_bias: false): no plain mlp(...) call builds it
     how = "build g as the run's script does" if script == "decorr_nostopgrad" else "from common.models import mlp"
     assert how in lines[-1], lines[-1]
