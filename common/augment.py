@@ -345,6 +345,7 @@ class ViewMaker:
 #                          to size x size (BYOL-MHE App. B.2: "center cropped at 28 x 28 then resized to 32 x 32";
 #                          at size 96, RAFT App. B, the same 28 x 28 crop is resized to 96 x 96)
 #   imagenet, imagenet100  resize the shorter side to 256/224 x size, then centre crop size x size (App. B.2 at 224)
+#   folder                 resize the shorter side to size, then centre crop size x size (no-op at size x size)
 #   any other dataset      resize to size x size (no-op when the image already has that size)
 # Every crop lies inside the source image: the evaluation never sees padding.
 CIFAR_EVAL_CROP = 28 / 32  # fraction of the source side kept by the CIFAR centre crop
@@ -369,6 +370,8 @@ def eval_transform(name: str, size: int, mean, std) -> T.Compose:
     elif name in ("cifar10", "cifar100"):
         geometry = [CentreCropFraction(CIFAR_EVAL_CROP),
                     T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
+    elif name == "folder":
+        geometry = [T.Resize(size, interpolation=BICUBIC, antialias=True), T.CenterCrop(size)]
     else:
         geometry = [T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
