@@ -7,7 +7,7 @@ MHE: Liu et al., "Learning towards Minimum Hyperspherical Energy", NeurIPS 2018.
     online:  x -> f_θ (encoder) -> g_θ (projector) = z -> q_θ (predictor) = p
     target:  x -> f_ξ -> g_ξ = z'            ξ <- τξ + (1-τ)θ  (EMA, cosine τ schedule)
 
-    L_BYOL = ||p̄(v1) - sg(z̄'(v2))||² = 2 - 2 cos(p(v1), z'(v2))                    (Eq. 5), symmetrised
+    L_BYOL = ||p̄(v1) - sg(z̄'(v2))||² = 2 - 2 cos(p(v1), z'(v2))     (Eq. 5), both directions summed
     neurons of a layer: ŵ_i = w_i / ||w_i||, i = 1..N   (rows of a Linear weight; Conv2d output
                         filters flattened to vectors; biases and norm parameters are never neurons)
     E_s = Σ_{i≠j} ||ŵ_i - ŵ_j||^(-s)   (s = 1, 2),   Σ_{i≠j} log(1/||ŵ_i - ŵ_j||)   (s = 0)     (Eq. 8)
@@ -21,14 +21,24 @@ projector and the predictor, λ_mhe = 10 (``reg_weight=10``; §4 says 0.1 — se
 configs/byol_mhe/imagenet_resnet50_300ep_sec4.yaml). ``mhe.layers: []`` or ``mhe.weight: 0`` is plain
 BYOL, the "BYOL (repro)" rows. Each layer's energy E_s/(N(N-1)) is logged at every evaluation.
 
-Numerics (Liu et al.'s MHE code, as SPEC §4.2 reads it): ||w|| = sqrt(Σw² + 1e-4); all pairs come from
-the Gram matrix ŴŴᵀ, made in blocks of rows with the energy's gradient (no loop over neurons, no N x N
-autograd graph; ``hyperspherical_energy``); ||ŵ_i - ŵ_j||² = 2 - 2cos; cos is clamped into
-[-1+1e-6, 1-1e-6] before arccos and θ gets + 1e-4. The energy is computed in float32 outside autocast.
-Deviations from Liu et al.'s code, where we follow the paper's equations instead: their angular
-energies use θ/π (not θ) and scale a1/a2 by 0.1; their s=0 is -log(||ŵ_i-ŵ_j||²) = 2x Eq. 8; they
-apply no clamp to the Euclidean distance (we use the same cos clamp there, so that two coinciding
-neurons give a finite energy and gradient).
+L_BYOL sums the two directions (v1 -> v2 and v2 -> v1), as BYOL does: it is twice Eq. 5's single direction
+in scale, so λ_mhe weighs half as much against it as against Eq. 5 alone.
+
+Numerics. From Liu et al.'s MHE code: ||w|| = sqrt(Σw² + 1e-4), ||ŵ_i - ŵ_j||² = 2 - 2cos, + 1e-4 on the
+angle (θ + 1e-4 here, θ/π + 1e-4 there). Ours, not theirs (their code applies arccos to the raw cosine and
+clamps nothing): cos is clamped into [-1+1e-6, 1-1e-6] for every power, so that a cosine at or past ±1
+(coinciding or antipodal neurons, round-off) gives a finite energy and gradient, never inf or NaN (the clamp
+passes no gradient). All pairs come from the Gram matrix ŴŴᵀ, made in blocks of rows with the energy's
+gradient (no loop over neurons, no N x N autograd graph; ``hyperspherical_energy``).
+Precision: float32 throughout, outside autocast. A pair term's relative error is about 2e-7 / (2 - 2cos),
+up to 5x that: <= 1e-4 at angles >= 0.1 rad, ~1e-3 at 0.01 rad, percents below. The clamp bound 1 - 1e-6 is
+0.99999899 in float32, so a clamped a2 pair is 1.2% low (only ||w|| > 10 can reach the clamp: the + 1e-4 in
+||w|| keeps cos <= ||w||²/(||w||² + 1e-4)). float64 would make these exact but takes about 2x the term's time
+(+7-9% of a ResNet-18 CPU step at batch 128), and far more on GPUs with slow float64.
+Deviations from Liu et al.'s code, where we follow the paper's equations. Their hidden-layer energies
+against ours, same weights, both a mean over pairs: s = 1, 2 the same; s = 0, -log(||ŵ_i-ŵ_j||²), exactly
+2x Eq. 8; the angular ones use θ/π and scale a1, a2 by 0.1: a0 = ours + log π, a1 ≈ 0.1π ≈ 0.31x ours,
+a2 ≈ 0.1π² ≈ 0.99x ours.
 
 Batch-size study (Tab. 7): ``optim.accum_steps: N`` averages gradients over N forwards of
 ``optim.batch_size`` before one optimizer step (the EMA steps only with the optimizer; the lr scales
@@ -70,7 +80,7 @@ DEFAULTS = {  # BYOL-MHE §3.5 and App. D: CIFAR-10, ResNet-18, 300 epochs (the 
 }
 # (a null default accepts both `power: 2` and `power: a2`; check_mhe resolves it to one of POWERS)
 
-COS_EPS, THETA_EPS, NORM_EPS = 1e-6, 1e-4, 1e-4  # Liu et al.'s MHE code (SPEC §4.2)
+COS_EPS, THETA_EPS, NORM_EPS = 1e-6, 1e-4, 1e-4  # the cos clamp is ours; θ + 1e-4, ||w|| eps: Liu et al.'s code
 
 
 # --------------------------------------------------------------------------- the paper's pieces
@@ -201,7 +211,7 @@ def byol_mhe_loss(model, target, x1, x2, layers, mhe):
 def train(cfg):
     cfg = check_mhe(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # the two BYOL views, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 

@@ -7,7 +7,7 @@ training setup §3.5 and App. D; BYOL: Grill et al. 2020.
     online:  x -> f_θ (encoder) -> g_θ (projector) = z -> q_θ (predictor) = p
     target:  x -> f_ξ -> g_ξ = z'            ξ <- τξ + (1-τ)θ  (EMA, cosine τ schedule)
 
-    L_BYOL(θ, ξ) = E ||p̄(v1) - sg(z̄'(v2))||²  = 2 - 2 cos(p(v1), z'(v2))      (Eq. 5), symmetrised
+    L_BYOL(θ, ξ) = E ||p̄(v1) - sg(z̄'(v2))||²  = 2 - 2 cos(p(v1), z'(v2))      (Eq. 5), both directions summed
     L_uniformity(f; t) = log E_{i≠j} exp(-t ||z̄_i - z̄_j||²),  t = 2           (Eq. 3)
     L = L_BYOL + λ_uni · L_uniformity(z̄_θ)                                     (Eq. 7)
 
@@ -17,6 +17,10 @@ projections f_θ only and independent of the predictor q_θ"), over all pairs
 i≠j of the global batch (all GPUs), for each view, averaged over the two views
 (as Wang & Isola's code does). λ_uni = 0.125 (§4); App. D lists uni_val=0.1 —
 we keep 0.125. λ_uni = 0 is plain BYOL (the baseline configs).
+
+L_BYOL sums the two directions (v1 -> v2 and v2 -> v1), as BYOL does: it is
+twice Eq. 5's single direction in scale, so λ_uni weighs half as much against
+it as against Eq. 5 alone (0.125 here = 0.0625 against the mean of the two).
 
 Batch-size study (Tab. 7): ``optim.accum_steps: N`` averages gradients over N
 forwards of ``optim.batch_size`` before one optimizer step; the EMA steps only
@@ -102,7 +106,7 @@ def byol_uniform_loss(model, target, x1, x2, loss_cfg):
 # --------------------------------------------------------------------------- training
 def train(cfg):
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # the two BYOL views, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 

@@ -286,7 +286,7 @@ def train(cfg):
     if cfg.data.name == "toy2d":
         return train_toy(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 

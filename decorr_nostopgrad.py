@@ -263,7 +263,7 @@ def train(cfg):
         raise UserError(f"loss.partitions={cfg.loss.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
                         "(equal partitions, Decorr §4.4)")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 

@@ -21,7 +21,8 @@ Choices where the paper leaves room (see README "msbreg" for the full list):
   noise an image gets does not depend on the number of processes.
 - Each view is a separate forward (per-view BatchNorm statistics, as BYOL's two views).
 - ``loss.centroid: false`` (K = 2 only) replaces Eq. 3 by BYOL's Eq. 1, symmetrised and averaged over
-  the two directions: the "L_c ✗" rows of Tab. 8. With K = 2, Eq. 3 itself is *not* BYOL: it equals
+  the two directions (so on the scale of one direction, as Eq. 1; λ_s and λ_b weigh against that): the
+  "L_c ✗" rows of Tab. 8 and the K = 2 cells of Tab. 11. With K = 2, Eq. 3 itself is *not* BYOL: it equals
   ½ L_BYOL + ¼ (||p̂_1-ẑ'_1||² + ||p̂_2-ẑ'_2||²) - ¼ ||ẑ'_1-ẑ'_2||² (tests/test_msbreg_losses.py).
 - lr = base × batch/256 × K (App. 7.1). Heads 512 hidden, 128 out for ResNet-18 (App. 7.2);
   ``model.head_norm`` swaps the heads' BatchNorm for LayerNorm (Tab. 13).
@@ -167,7 +168,7 @@ def train(cfg):
     if not cfg.loss.centroid and K != 2:
         raise UserError(f"loss.K={K} with loss.centroid=false: BYOL's Eq. 1 is for K = 2 views")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, K, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, K, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # K views per image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
     noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, run.device)  # the same stream on every rank

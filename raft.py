@@ -42,9 +42,10 @@ Run:
     python raft.py --config configs/raft/raft-mlpp.yaml                        # App. B, CIFAR-10 96x96, 3 seeds
     python raft.py --config configs/raft/tanraft-lp.yaml --set seeds=[0] dist.nproc=2 resume=auto
 
-Deviations: L_BYOL is the mean of the two directions of Eq. 4 (the authors' code also divides by the
-dimension; Adam is nearly invariant to that scale). The linear predictor has no bias (Eq. q_w = W; the
-authors' code uses one). See README for the evaluation protocol.
+Deviations: L_BYOL is the mean of the two directions of Eq. 4, so on the scale of one direction, as is
+L_cross-model (mean over the two views); α and β weigh terms of that scale (the authors' code also
+divides by the dimension; Adam is nearly invariant to that scale). The linear predictor has no bias
+(Eq. q_w = W; the authors' code uses one). See README for the evaluation protocol.
 """
 import json
 import os
@@ -213,7 +214,7 @@ class EpochMeans:
 def train(cfg):
     lc = cfg.loss
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), run.device,
+    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
                       seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 

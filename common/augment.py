@@ -340,15 +340,39 @@ class ViewMaker:
         self.calls = int(sd["calls"])
 
 
+# Evaluation geometry, per dataset (``eval_transform``; ``size`` = ``data.image_size``, the training view size):
+#   cifar10, cifar100      centre crop 28/32 of the *source* image (28 x 28 of a 32 x 32 CIFAR image), then resize
+#                          to size x size (BYOL-MHE App. B.2: "center cropped at 28 x 28 then resized to 32 x 32";
+#                          at size 96, RAFT App. B, the same 28 x 28 crop is resized to 96 x 96)
+#   imagenet, imagenet100  resize the shorter side to 256/224 x size, then centre crop size x size (App. B.2 at 224)
+#   folder                 resize the shorter side to size, then centre crop size x size (no-op at size x size)
+#   any other dataset      resize to size x size (no-op when the image already has that size)
+# Every crop lies inside the source image: the evaluation never sees padding.
+CIFAR_EVAL_CROP = 28 / 32  # fraction of the source side kept by the CIFAR centre crop
+
+
+class CentreCropFraction:
+    """Centre crop of round(fraction x side) pixels per side of whatever image comes in (PIL, CHW or BCHW)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def __call__(self, img):
+        h, w = img.shape[-2:]  # after T.ToImage(): a tensor image or batch
+        return TF.center_crop(img, [round(h * self.fraction), round(w * self.fraction)])
+
+
 def eval_transform(name: str, size: int, mean, std) -> T.Compose:
-    """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch."""
-    if name in ("imagenet", "imagenet100"):  # resize 256, centre crop 224 (at 224)
+    """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch (table above)."""
+    if name in ("imagenet", "imagenet100"):
         geometry = [T.Resize(round(size * 256 / 224), interpolation=BICUBIC, antialias=True),
                     T.CenterCrop(size)]
-    elif name in ("cifar10", "cifar100"):  # BYOL-MHE App. B.2: centre crop 28, resize 32
-        geometry = [T.CenterCrop(round(size * 28 / 32)),
+    elif name in ("cifar10", "cifar100"):
+        geometry = [CentreCropFraction(CIFAR_EVAL_CROP),
                     T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
-    else:  # no-op when the image already has that size
+    elif name == "folder":
+        geometry = [T.Resize(size, interpolation=BICUBIC, antialias=True), T.CenterCrop(size)]
+    else:
         geometry = [T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
                       T.Normalize(list(mean), list(std)), T.ToPureTensor()])

@@ -226,6 +226,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
+    if not gpu:  # the allocator of the scripts' CPU runs (dist.launch), which (b) and (c) run in this process
+        dist.keep_freed_memory()
     images, _ = data.make_synthetic(args.batch, args.size, 10, seed=0)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if gpu else f'{torch.get_num_threads()} threads'}), "
           f"images {args.size}x{args.size}, batch {args.batch}, ResNet width {args.width}, median of "

@@ -80,12 +80,14 @@ BASE = {
     "compile": False,        # torch.compile the encoder (SyncBN left eager; first steps pay the compile time)
     "data": {
         "name": "synthetic",
-        "root": "data",
+        "root": "data",      # where the datasets are; folder: the folder holding train/ (and val/)
         "download": False,   # only true ever downloads
         "image_size": 32,    # size of the training views
         "val_split": False,  # hold out a validation split (BYOL-MHE App. B.1) and evaluate on it
         "workers": 4,        # DataLoader worker processes (augment.path cpu/hybrid, ImageNet decoding)
         "on_device": False,  # small in-memory datasets: keep the uint8 images on the training device, no workers
+        "mean": None,        # folder only: per-channel mean in [0, 1] units (null: computed once and cached)
+        "std": None,         # folder only: per-channel std (null: computed with the mean)
         "synthetic": {"train_size": 10000, "test_size": 2000, "size": 32, "classes": 10, "seed": 0},
     },
     "augment": {             # BYOL views (Grill et al.; BYOL-MHE App. B.2)
@@ -131,7 +133,11 @@ BASE = {
         "linear_weight_decay": 0.0,
         "linear_optimizer": "sgd",
     },
-    "log": {"every": 10, "progress": True},  # steps between metric lines; tqdm bar on rank 0
+    "log": {
+        "every": 10,               # optimizer steps between metric lines of metrics.jsonl
+        "progress": "auto",        # tqdm bar on rank 0: auto (when stderr is a terminal) | true | false
+        "tensorboard": False,      # also write the metrics to run_dir/tensorboard (needs the tensorboard package)
+    },
     "checkpoint": {
         "every": 1,                # epochs between writes of checkpoints/last.pt
         "keep_every": 0,           # also keep checkpoints/epoch_XXXX.pt every N epochs (0: never)
@@ -148,7 +154,8 @@ BASE = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
-    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "toy2d"),
+    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder",
+                  "toy2d"),
     "augment.path": ("batched", "cpu", "hybrid"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.norm": ("bn", "gn", "ln", "none"),
@@ -158,6 +165,7 @@ CHOICES = {
     "eval.linear": ("fast", "paper", "none"),
     "eval.linear_optimizer": ("sgd", "adam"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "log.progress": ("auto", True, False),
     # ranges (x: the value, or each item of a list)
     "seed": "x >= 0", "data.image_size": "x >= 1", "data.workers": "x >= 0",
     "augment.crop_scale": "0 < x <= 1, increasing", "augment.crop_ratio": "x > 0, increasing",
@@ -165,7 +173,8 @@ CHOICES = {
     "augment.gray_p": "0 <= x <= 1", "augment.blur_p": "0 <= x <= 1, not empty",
     "augment.blur_sigma": "x > 0, increasing", "augment.solarize_p": "0 <= x <= 1, not empty",
     "model.width": "x >= 1", "model.proj_hidden": "x >= 1", "model.proj_dim": "x >= 1", "model.pred_hidden": "x >= 1",
-    "optim.lr": "x >= 0; 0 keeps the initial weights (a random-init baseline)", "optim.weight_decay": "x >= 0", "optim.momentum": "0 <= x < 1", "optim.eta": "x > 0",
+    "optim.lr": "x >= 0; 0 keeps the initial weights (a random-init baseline)", "optim.weight_decay": "x >= 0",
+    "optim.momentum": "0 <= x < 1", "optim.eta": "x > 0",
     "optim.betas": "0 <= x < 1", "optim.epochs": "x >= 1", "optim.warmup_epochs": "x >= 0",
     "optim.batch_size": "x >= 1", "optim.accum_steps": "x >= 1", "optim.clip_grad": "x >= 0",
     "ema.tau": "0 <= x <= 1",
@@ -176,6 +185,8 @@ CHOICES = {
     "checkpoint.every_steps": "x >= 0", "checkpoint.stop_after_step": "x >= 0",
     "dist.nproc": "x >= 1", "dist.timeout_min": "x > 0",
 }
+# Keys whose default is a word but which also take a YAML boolean (``log.progress: false``).
+SWITCHES = ("log.progress",)
 
 
 def merge(base, new):
@@ -212,7 +223,7 @@ def _check(defaults, user, where, prefix=""):
 
 
 def _check_value(key, default, v, where):
-    if default is None or default == REQUIRED:
+    if default is None or default == REQUIRED or (key in SWITCHES and isinstance(v, bool)):
         return v
     if isinstance(default, bool):
         ok = isinstance(v, bool)
@@ -257,7 +268,8 @@ def _check_resolved(cfg, choices, prefix=""):
             raise UserError(f"config key '{key}' = {v!r} is out of range: allowed {rng}"
                             + (f" ({hint.strip()})" if hint else ""))
         elif isinstance(choices.get(key), tuple) and v not in choices[key]:
-            raise UserError(f"config key '{key}' = {v!r} is not one of: {', '.join(map(str, choices[key]))}")
+            valid = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices[key])
+            raise UserError(f"config key '{key}' = {v!r} is not one of: {valid}")
 
 
 def parse_overrides(items):

@@ -10,6 +10,9 @@ fashion_mnist  torchvision FashionMNIST in ``root/FashionMNIST/raw``, or the fou
 imagenet       torchvision ImageFolder on ``root/imagenet/train`` and ``root/imagenet/val`` (the
                validation images sorted into one folder per WordNet id, like train).
 imagenet100    the same folders, keeping the 100 classes of Tian et al. (CMC) in ``imagenet100.txt``.
+folder         your own images (``folder`` section below): ``root/train/<class>/<image>`` (labelled) and,
+               for evaluation, ``root/val/<class>/<image>`` or else a held-out 10% of every class of train;
+               or ``root/train/<image>`` (unlabelled: SSL only, kNN and linear accuracy off).
 
 Splits: "ssl" (self-supervised training; labels may be -1), "train" (labelled training images:
 kNN memory bank, linear probe), "test" (the official test/validation set). With
@@ -24,7 +27,10 @@ Every item is ``(uint8 tensor [3, H, W], int)`` (or ``(transform(image), int)``)
 Downloads happen only with ``data.download: true``; a missing dataset raises ``UserError`` saying where
 we looked and how to fix it.
 """
+from collections.abc import Mapping
 import gzip
+import hashlib
+import json
 import math
 import os
 import tempfile
@@ -33,9 +39,10 @@ import torch
 import torchvision
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from common import dist
 from common.config import UserError
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist")
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder")
 
 # Per-dataset partial config, merged between the defaults and the user's file.
 NO_BLUR = {"blur_p": [0.0, 0.0]}  # small images: no blur (CIFAR: BYOL-MHE §3.5, App. B.2)
@@ -47,6 +54,7 @@ PRESETS = {
     "imagenet": {"data": {"image_size": 224}},
     "imagenet100": {"data": {"image_size": 224}},
     "fashion_mnist": {"data": {"image_size": 28}, "augment": NO_BLUR},
+    "folder": {},  # your images: set data.image_size (default 32); BYOL's blur unless augment.blur_p says otherwise
 }
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _STATS = {  # per-channel (mean, std) of the training images, in [0, 1] units
@@ -63,13 +71,26 @@ VAL_HOLDOUT = {"cifar10": {"per_class": 500}, "cifar100": {"per_class": 50}, "im
 VAL_DEFAULT, VAL_SEED = {"per_class": 0.1}, 0
 
 
-def stats(name):
-    """Per-channel (mean, std) of dataset ``name`` in [0, 1] units."""
+def stats(data):
+    """Per-channel (mean, std) in [0, 1] units of dataset ``data``: a name or a data config.
+
+    ``folder``: ``data.mean``/``data.std`` when given, else computed once over the training images and
+    cached (``folder_stats``); by name, that of the folder dataset this process loaded (``load``)."""
+    name = data["name"] if isinstance(data, Mapping) else data
     _check_name(name)
-    return _STATS[name]
+    if name != "folder":
+        return _STATS[name]
+    if isinstance(data, Mapping):
+        return folder_stats(data)
+    if _LOADED_FOLDER is None:
+        raise ValueError("stats('folder'): call load(data_cfg, ...) first, or pass the data config")
+    return folder_stats(_LOADED_FOLDER)
 
 
 def num_classes(data_cfg):
+    """Number of classes (0: an unlabelled ``folder``, no kNN or linear accuracy)."""
+    if data_cfg["name"] == "folder":
+        return len(_folder_images(os.path.join(os.path.abspath(data_cfg["root"]), "train"), "train")[0])
     return data_cfg["synthetic"]["classes"] if data_cfg["name"] == "synthetic" else _CLASSES[data_cfg["name"]]
 
 
@@ -185,11 +206,12 @@ def make_synthetic(n, size, classes, seed):
 
 
 # ---------------------------------------------------------------------------------------------- splits
-def heldout_split(labels, per_class=None, last=None, seed=VAL_SEED):
+def heldout_split(labels, per_class=None, last=None, seed=VAL_SEED, at_least=0):
     """Indices 0..len(labels)-1 split into (kept, held_out), both sorted, with a fixed seed.
 
     ``per_class``: an int (that many random images of every class) or a float (that fraction of
-    every class). ``last``: the last ``last`` images of a seeded shuffle of all images.
+    every class, rounded down, but ``at_least`` images of a class that keeps one for training).
+    ``last``: the last ``last`` images of a seeded shuffle of all images.
     """
     labels, g = torch.as_tensor(labels), torch.Generator().manual_seed(seed)
     if last is not None:
@@ -202,6 +224,7 @@ def heldout_split(labels, per_class=None, last=None, seed=VAL_SEED):
         counts = torch.bincount(labels)
         rank = torch.arange(len(labels)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
         k = torch.full_like(counts, per_class) if isinstance(per_class, int) else (counts * per_class).long()
+        k = torch.maximum(k, (counts - 1).clamp(min=0, max=at_least))
         held = order[rank < k[labels[order]]]
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held] = False
@@ -308,6 +331,11 @@ def load(data_cfg, split, transform=None):
     _check_name(name)
     if split not in ("ssl", "train", "test"):
         raise ValueError(f"split must be ssl, train or test, got {split!r}")
+    if name == "folder":
+        return _load_folder(data_cfg, split, transform)
+    if data_cfg.get("mean") is not None or data_cfg.get("std") is not None:
+        raise UserError(f"data.mean/data.std are for data.name=folder; {name} is normalised with its published "
+                        "statistics (common/data.py): remove them")
     val, holdout = bool(data_cfg.get("val_split", False)), VAL_HOLDOUT.get(name, VAL_DEFAULT)
     if name in ("imagenet", "imagenet100"):
         ds = _imagenet(data_cfg, name, "val" if split == "test" and not val else "train", transform)
@@ -325,6 +353,256 @@ def load(data_cfg, split, transform=None):
         unlabeled, minus_one = _small(data_cfg, name, "unlabeled")
         images, labels = torch.cat([unlabeled, images]), torch.cat([minus_one, labels])
     return TensorImages(images, labels, transform)
+
+
+def decoded_per_image(data_cfg, split):
+    """Whether ``load(data_cfg, split)`` decodes files on access (a transform then runs per image, in the
+    DataLoader workers) rather than holding a ``TensorImages`` in memory (transforms on whole batches)."""
+    if data_cfg["name"] == "folder":
+        return not isinstance(load(data_cfg, split), TensorImages)
+    return data_cfg["name"] in ("imagenet", "imagenet100")
+
+
+# ---------------------------------------------------------------------------------------------- folder
+# Your own images. ``<data.root>/train/`` holds either class folders (labelled) or images (unlabelled);
+# hidden files and folders (``.name``) are skipped, anything else that is not an image is an error, as are
+# an empty folder, a class folder without images, and a mix of images and class folders.
+#
+# - Labelled: SSL on every image of train/; kNN bank and linear probe on train/, evaluated on
+#   ``val/<class>/`` (class names as in train/). Without val/ (or with ``data.val_split: true``), a
+#   held-out 10% of every class of train/ (at least one image of a class with two or more, fixed seed)
+#   is the test set and is left out of SSL training and the kNN bank.
+# - Unlabelled: SSL on every image; kNN and linear accuracy are off (the scripts log them as nan); the
+#   label-free diagnostics (uniformity, centre norm, feature std, alignment) run on a fixed sample of
+#   ``FOLDER_EVAL_SAMPLE`` training images.
+# - Sizes: a folder of at most ``FOLDER_CHECK`` images has every header read when it is opened (a file PIL
+#   cannot read is an error); when all share one size and fit in ``FOLDER_IN_MEMORY`` bytes, they are
+#   decoded once into a ``TensorImages`` (every augmentation path, ``data.on_device``). Otherwise images
+#   are decoded per item (``FileImages``): use ``augment.path: hybrid`` or ``cpu``; ``batched`` stops
+#   with one line saying why (e.g. two files of different sizes).
+# - Normalisation: ``data.mean``/``data.std`` (3 numbers in [0, 1] units) when given; otherwise the
+#   per-channel mean/std over all pixels of the training images (a fixed sample of ``FOLDER_STATS_SAMPLE``
+#   images beyond that), computed once and cached in ``<data.root>/.onefile-ssl-stats.json`` (recomputed
+#   when the files of train/ change). A read-only dataset folder: computed at every start, and the line
+#   printed gives the --set values that skip it.
+# - Evaluation transform: the shorter side resized to ``data.image_size`` (bicubic, antialiased), then
+#   the centre square: nothing happens to images already at that size.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+FOLDER_LAYOUT = ("<data.root>/train/<class>/<image> (labelled; evaluated on <data.root>/val/<class>/<image> "
+                 "or a held-out part of train) or <data.root>/train/<image> (unlabelled, SSL only)")
+FOLDER_CHECK = 100_000      # images: up to this many, every header is read when the folder is opened
+FOLDER_IN_MEMORY = 2 ** 31  # bytes: a folder of one image size up to this is decoded once, kept in memory
+FOLDER_STATS_SAMPLE = 10_000
+FOLDER_EVAL_SAMPLE = 2048
+STATS_FILE = ".onefile-ssl-stats.json"
+_FOLDER_CACHE, _SAID = {}, set()
+_LOADED_FOLDER = None  # the data config of the last folder dataset loaded here (for stats("folder"))
+
+
+class FileImages(torch.utils.data.Dataset):
+    """Images decoded from files on access: item -> (uint8 [3, H, W] RGB, label) or (transform(image), label).
+    ``not_in_memory`` says why they are not a ``TensorImages`` (for the batched path's error)."""
+
+    def __init__(self, paths, labels, transform=None, not_in_memory="is decoded from files"):
+        self.paths, self.labels = list(paths), torch.as_tensor(labels, dtype=torch.int64)
+        self.transform, self.not_in_memory = transform, not_in_memory
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        x = _rgb_uint8(self.paths[i])
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+def _say(msg):
+    """Print ``msg`` once per process, on rank 0."""
+    if msg not in _SAID:
+        _SAID.add(msg)
+        if dist.is_main():
+            print(msg, flush=True)
+
+
+def _image_file(path):
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        raise UserError(f"data.name=folder: {path} is not an image (expected only {' '.join(IMAGE_EXTENSIONS)} "
+                        "files; hidden files are skipped): move it out of the dataset folder")
+    return path
+
+
+def _scan(folder, part):
+    """(classes, paths, labels) of ``folder`` (root/train or root/val); labels -1 for unlabelled images."""
+    if not os.path.isdir(folder):
+        raise UserError(f"data.name=folder: no folder {folder}; expected {FOLDER_LAYOUT}: set data.root=<the "
+                        f"folder holding train/>")
+    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    dirs, files = [e for e in entries if e.is_dir()], [e for e in entries if not e.is_dir()]
+    if not entries:
+        raise UserError(f"data.name=folder: {folder} is empty; expected {FOLDER_LAYOUT}")
+    if dirs and files:
+        raise UserError(f"data.name=folder: {folder} holds both class folders ({dirs[0].name}/) and images "
+                        f"({files[0].name}): put every image into a class folder (labelled) or none (unlabelled)")
+    if files:
+        if part == "val":
+            raise UserError(f"data.name=folder: {folder} holds images but no class folders; val/ needs the class "
+                            f"folders of train/ (val/<class>/<image>), or remove it to hold out part of train/")
+        return [], [_image_file(e.path) for e in files], [-1] * len(files)
+    paths, labels = [], []
+    for c, d in enumerate(dirs):
+        found = []
+        for top, subdirs, names in os.walk(d.path, followlinks=True):
+            subdirs[:] = [x for x in subdirs if not x.startswith(".")]
+            found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+        if not found:
+            raise UserError(f"data.name=folder: the class folder {d.path} holds no images; expected {FOLDER_LAYOUT}")
+        paths += [_image_file(p) for p in sorted(found)]
+        labels += [c] * len(found)
+    return [d.name for d in dirs], paths, labels
+
+
+def _sizes(paths):
+    """(width, height) of every image, from its header (PIL reads no pixels here)."""
+    from PIL import Image
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.size)
+        except Exception as e:  # not an image, truncated, unreadable
+            raise UserError(f"data.name=folder: {p} is not a readable image ({type(e).__name__}): replace or remove "
+                            "it") from None
+    return out
+
+
+def _folder_images(folder, part):
+    """(classes, paths, dataset) of root/train or root/val, once per process (the decoded images are shared)."""
+    key = (folder, part, os.stat(folder).st_mtime_ns if os.path.isdir(folder) else None)
+    if key in _FOLDER_CACHE:
+        return _FOLDER_CACHE[key]
+    classes, paths, labels = _scan(folder, part)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(folder))  # noqa: E731
+    why = f"has {len(paths)} images, more than the {FOLDER_CHECK} whose sizes are read when it is opened"
+    if len(paths) <= FOLDER_CHECK:
+        sizes = _sizes(paths)
+        other = next((i for i, s in enumerate(sizes) if s != sizes[0]), None)
+        (w, h), nbytes = sizes[0], 3 * sizes[0][0] * sizes[0][1] * len(paths)
+        why = (f"holds images of different sizes ({rel(paths[0])} {w}x{h}, {rel(paths[other])} "
+               f"{sizes[other][0]}x{sizes[other][1]})" if other is not None else
+               f"is too large to hold in memory ({len(paths)} images of {w}x{h}: {nbytes / 2 ** 30:.1f} GiB)"
+               if nbytes > FOLDER_IN_MEMORY else None)
+    if why is None:  # one size, small: decoded once, then every augmentation path works
+        ds = TensorImages(torch.stack([_rgb_uint8(p) for p in paths]), labels)
+    else:
+        ds = FileImages(paths, labels, not_in_memory=f"({rel(folder)}/) {why}")
+    _FOLDER_CACHE[key] = classes, paths, ds
+    return _FOLDER_CACHE[key]
+
+
+def _subset(ds, idx, transform, labels=None):
+    idx = torch.as_tensor(idx, dtype=torch.int64)
+    labels = (ds.labels if labels is None else torch.as_tensor(labels))[idx]
+    if isinstance(ds, TensorImages):
+        return TensorImages(ds.images[idx], labels, transform)
+    return FileImages([ds.paths[i] for i in idx.tolist()], labels, transform, ds.not_in_memory)
+
+
+def _load_folder(d, split, transform):
+    global _LOADED_FOLDER
+    _LOADED_FOLDER = d
+    root = os.path.abspath(d["root"])
+    classes, _, train = _folder_images(os.path.join(root, "train"), "train")
+    everything = torch.arange(len(train))
+    if not classes:  # unlabelled: SSL on all; the label-free diagnostics on a fixed sample
+        _say(f"data: {root}/train holds images without class folders: unlabelled, SSL only; kNN and linear "
+             f"accuracy are off (nan), uniformity/centre norm/feature std/alignment use "
+             f"{min(len(train), FOLDER_EVAL_SAMPLE)} of its images. For accuracies sort them into train/<class>/ "
+             "(and val/<class>/)")
+        if split == "ssl":
+            return _subset(train, everything, transform)
+        g = torch.Generator().manual_seed(VAL_SEED)
+        return _subset(train, torch.randperm(len(train), generator=g)[:FOLDER_EVAL_SAMPLE].sort().values, transform)
+    val_dir = os.path.join(root, "val")
+    if os.path.isdir(val_dir) and not d.get("val_split", False):
+        if split != "test":
+            return _subset(train, everything, transform)
+        val_classes, _, val = _folder_images(val_dir, "val")
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise UserError(f"data.name=folder: {val_dir} has class folders that train/ lacks "
+                            f"({', '.join(unknown[:3])}): val/ and train/ need the same class names")
+        to_train = torch.tensor([classes.index(c) for c in val_classes] or [0])
+        return _subset(val, torch.arange(len(val)), transform, labels=to_train[val.labels])
+    if not os.path.isdir(val_dir):
+        _say(f"data: no {val_dir}: evaluating on a held-out 10% of every class of train/ (fixed seed), left out of "
+             "SSL training and the kNN bank")
+    kept, held = heldout_split(train.labels, **VAL_DEFAULT, at_least=1)
+    if not len(held):
+        raise UserError(f"data.name=folder: every class of {root}/train has a single image, none to hold out for "
+                        f"evaluation: add {val_dir}/<class>/<image>")
+    return _subset(train, held if split == "test" else kept, transform)
+
+
+def _train_fingerprint(paths):
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(f"{p}\0{os.path.getsize(p)}\n".encode())
+    return h.hexdigest()
+
+
+def folder_stats(d):
+    """Per-channel (mean, std) of a ``folder`` dataset: ``data.mean``/``data.std``, or computed over its training
+    images once and cached in ``<data.root>/.onefile-ssl-stats.json``."""
+    if d.get("mean") is not None or d.get("std") is not None:
+        mean, std = d.get("mean"), d.get("std")
+        ok = all(isinstance(v, list) and len(v) in (1, 3) and all(isinstance(x, (int, float)) for x in v)
+                 for v in (mean, std)) and all(x > 0 for x in std)
+        if not ok:
+            raise UserError(f"data.mean={mean} data.std={std}: give both, each 3 numbers in [0, 1] units (std > 0), "
+                            "e.g. data.mean=[0.485,0.456,0.406] data.std=[0.229,0.224,0.225]; or neither (computed)")
+        return tuple(float(x) for x in mean * (3 // len(mean))), tuple(float(x) for x in std * (3 // len(std)))
+    root = os.path.abspath(d["root"])
+    _, paths, train = _folder_images(os.path.join(root, "train"), "train")
+    key = ("stats", root, len(paths))
+    if key in _FOLDER_CACHE:
+        return _FOLDER_CACHE[key]
+    fingerprint, cache = _train_fingerprint(paths), os.path.join(root, STATS_FILE)
+    try:
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved.get("fingerprint") == fingerprint:
+            _say(f"data: mean {saved['mean']} std {saved['std']} of {root}/train, from {cache}")
+            _FOLDER_CACHE[key] = tuple(saved["mean"]), tuple(saved["std"])
+            return _FOLDER_CACHE[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache yet, or unreadable: compute
+    n = len(paths)
+    idx = (torch.arange(n) if n <= FOLDER_STATS_SAMPLE else
+           torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))[:FOLDER_STATS_SAMPLE].sort().values)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares, pixels = torch.zeros(3, dtype=torch.float64), 0
+    for chunk in idx.split(256):
+        for x in ([train.images[chunk]] if isinstance(train, TensorImages) else
+                  [_rgb_uint8(paths[i])[None] for i in chunk.tolist()]):
+            x = x.double().div_(255)
+            total += x.sum((0, 2, 3))
+            squares += x.square().sum((0, 2, 3))
+            pixels += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / pixels
+    std = (squares / pixels - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
+    mean, std = [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+    what = f"data: mean {mean} std {std} computed over {len(idx)} images of {root}/train"
+    try:
+        tmp = f"{cache}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"mean": mean, "std": std, "images": len(idx), "of": n, "fingerprint": fingerprint}, f)
+        os.replace(tmp, cache)
+        _say(f"{what}, cached in {cache} (data.mean/data.std override it)")
+    except OSError as e:
+        flat = lambda v: "[" + ",".join(map(str, v)) + "]"  # noqa: E731 - one shell word
+        _say(f"{what}; cannot cache them in {cache} ({e.strerror or e}): --set data.mean={flat(mean)} "
+             f"data.std={flat(std)} skips this at the next start")
+    _FOLDER_CACHE[key] = tuple(mean), tuple(std)
+    return _FOLDER_CACHE[key]
 
 
 # ==============================================================================================

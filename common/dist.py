@@ -25,6 +25,12 @@ its code. Collectives time out after ``dist.timeout_min`` minutes, so no rank
 waits forever on a dead peer; the spawning launcher names the rank that failed.
 Decisions that stop a run use ``agree`` / ``any_rank`` (over a Gloo group, also
 under NCCL: no GPU sync), so that every rank takes the same one.
+
+Process-wide settings belong to the scripts' own runs, not to importing ``common``: ``launch`` (which only
+a script's ``__main__`` calls) makes stdout and stderr line-buffered, so every line reaches a SLURM log
+file when it is printed, and, for a run on the CPU, sets glibc's allocator to keep freed memory
+(``keep_freed_memory``, a ``mallopt`` for the whole process). A program that imports ``common`` and calls
+``device`` or ``train`` itself keeps its own allocator and buffering.
 """
 import ctypes
 import datetime
@@ -106,14 +112,14 @@ def any_rank(flag):
 
 
 def device(cfg):
-    """The training device of this process: ``cuda:LOCAL_RANK`` or ``cpu`` (then ``keep_freed_memory()``)."""
+    """The training device of this process: ``cuda:LOCAL_RANK`` or ``cpu``. No process-wide side effect on the
+    CPU: the allocator setting (``keep_freed_memory``) is made by ``launch``, for the scripts' runs only."""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("device: cuda was asked for but no CUDA GPU is visible; set device=cpu")
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    keep_freed_memory()
     return torch.device("cpu")
 
 
@@ -123,7 +129,10 @@ def keep_freed_memory():
     process keeps its peak memory until it exits. With glibc's defaults each step page-faults its large
     tensors in afresh (the kernel zeroes every page): in common.benchmark's step timings of the six scripts
     (ResNet-18, batch 64, 2 cores) 11.9M page faults, against 0.4M with these settings and 1-14% shorter
-    steps (README, Speed). Returns whether glibc took the settings."""
+    steps (README, Speed). Returns whether glibc took the settings.
+
+    This changes the allocator of the whole process, for good: ``launch`` calls it for the scripts' CPU runs
+    (and ``python -m common.benchmark`` for its own), never an import or ``device``."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl, Windows): its allocator as it is
@@ -274,9 +283,18 @@ def _init(cfg):
     _CONTROL[:] = [dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None]
 
 
+def _on_cpu(cfg):
+    return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+
+
 def _run(train, cfg):
     """Run ``train(cfg)`` in this process: a UserError is one line and exit status 2, a Stopped run its line
-    and code."""
+    and code. A CPU run keeps freed memory (``keep_freed_memory``): this process is a script's own run."""
+    for stream in (sys.stdout, sys.stderr):  # every line into a log file when printed (SLURM), not at exit
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    if _on_cpu(cfg):
+        keep_freed_memory()
     code, msg = 0, None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -321,7 +339,10 @@ def _spawned(local_rank, train, cfg, nproc, port):
 
 
 def launch(train, cfg):
-    """Start ``train(cfg)`` on one process, under torchrun/srun, or on ``cfg.dist.nproc`` local processes."""
+    """Start ``train(cfg)`` on one process, under torchrun/srun, or on ``cfg.dist.nproc`` local processes.
+
+    For the scripts' ``__main__`` only: each process it runs ``train`` in gets line-buffered stdout/stderr
+    and, on the CPU, glibc's keep-freed-memory allocator setting (module docstring)."""
     env = os.environ
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in env:
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],

@@ -93,7 +93,10 @@ def knn_predict(train_f, train_y, test_f, k=200, t=0.1, num_classes=None, weight
 @torch.no_grad()
 def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_classes=None, weighted=True,
                    chunk=1024):
-    """{"knn<k>": top-1 %} for every k in ``ks``; the top-max(ks) search is done once and sliced."""
+    """{"knn<k>": top-1 %} for every k in ``ks``; the top-max(ks) search is done once and sliced.
+    ``num_classes=0`` (no labels: an unlabelled ``data.name=folder``): nan for every k."""
+    if num_classes == 0:
+        return {f"knn{k}": math.nan for k in ks}
     sims, idx = _topk_neighbours(train_f, test_f, max(ks), chunk)
     nb_labels = train_y.to(idx.device)[idx]
     c = _num_classes(num_classes, train_y, test_y)
@@ -272,7 +275,7 @@ def final_linear_eval(encoder, loaders, device, cfg):
     random-crop + flip loader ``loaders["train_aug"]`` / ``loaders["augment"]`` (BYOL-MHE App. D: SGD).
     """
     e = cfg.eval
-    if e.linear == "none":
+    if e.linear == "none" or loaders.get("num_classes") == 0:  # 0: no labels (an unlabelled data.name=folder)
         return {}
     if e.linear == "fast":
         train_f, train_y = extract_features(encoder, loaders["train"], device)

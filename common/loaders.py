@@ -12,7 +12,7 @@ import torch
 from common import dist
 from common.augment import MultiViewDataset, ViewMaker, eval_transform
 from common.config import UserError
-from common.data import TensorImages, load, num_classes, stats
+from common.data import TensorImages, decoded_per_image, load, num_classes, stats
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -86,14 +86,15 @@ def train_loader(dataset, cfg, views, device):
     on_device, path = cfg.data.on_device, cfg.augment.path
     if on_device and (path != "batched" or not isinstance(dataset, TensorImages)):
         raise UserError(f"data.on_device=true needs an in-memory dataset (synthetic, cifar10, cifar100, stl10, "
-                        f"fashion_mnist) and augment.path=batched; got data.name={cfg.data.name}, "
-                        f"augment.path={path}: set data.on_device=false")
+                        f"fashion_mnist, a small folder of one image size) and augment.path=batched; got "
+                        f"data.name={cfg.data.name}, augment.path={path}: set data.on_device=false")
     if path != "batched":  # per-image transforms in DataLoader workers
         dataset = MultiViewDataset(dataset, views.cpu_transforms(), cfg.seed)
     elif not isinstance(dataset, TensorImages):
+        why = getattr(dataset, "not_in_memory", "is decoded from files")
         raise UserError(f"augment.path=batched needs a dataset held in memory at one image size; {cfg.data.name} "
-                        "is decoded from files: set augment.path=hybrid (crop in workers, the rest on the "
-                        "device) or augment.path=cpu")
+                        f"{why}: set augment.path=hybrid (crop in workers, the rest on the device) or "
+                        "augment.path=cpu")
     sampler = ResumableSampler(dataset, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,
                                drop_last=True)
     if on_device:
@@ -122,11 +123,11 @@ def eval_loaders(cfg):
     linear-probe training set); with ``eval.linear: paper`` also ``"train_aug"`` and ``"augment"`` (random
     resized crop + flip on the training device, the linear-evaluation protocol of Grill et al.)."""
     d, e = cfg.data, cfg.eval
-    mean, std = stats(d.name)
+    mean, std = stats(d)
     tf = eval_transform(d.name, d.image_size, mean, std)
-    files = d.name in ("imagenet", "imagenet100")  # decoded per image: the transform runs in the workers
-    out = {split: _eval_loader(load(d, split, tf if files else None), None if files else tf, e.batch_size, d.workers)
-           for split in ("train", "test")}
+    files = {split: decoded_per_image(d, split) for split in ("train", "test")}  # transform in the workers
+    out = {split: _eval_loader(load(d, split, tf if files[split] else None), None if files[split] else tf,
+                               e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
     if e.linear == "paper":
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}

@@ -7,6 +7,17 @@ past the checkpoint's step are dropped (and a torn last line), so a resumed
 run's file reads like an uninterrupted one; a fresh run in a folder that holds
 an earlier run's ``metrics.jsonl`` / ``summary.json`` (but no checkpoint) moves
 them aside first (``metrics.<time>.jsonl``) and says so.
+
+The run's ``log`` settings take effect at ``Logger.config(cfg)``:
+
+- ``log.progress``: the tqdm bar of each epoch (rank 0, on stderr): ``auto`` shows it when stderr is a
+  terminal, ``true`` always (into a file: one update per 30 s), ``false`` never.
+- ``log.tensorboard: true``: every metrics line is also written as TensorBoard scalars (the same keys,
+  against ``step``) to ``run_dir/tensorboard/``, through ``torch.utils.tensorboard``. It needs the
+  ``tensorboard`` package, which is optional (``pip install tensorboard``): without it the run prints one
+  line saying so and goes on, its metrics in ``metrics.jsonl`` as always.
+
+Every printed line is flushed at once, so a SLURM log shows each evaluation when it happens.
 """
 import json
 import os
@@ -45,11 +56,22 @@ def run_dir(cfg, method):
     return path
 
 
+def tensorboard_writer(folder, purge_step=None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``folder``, or None when tensorboard is not installed.
+    ``purge_step``: on resume, events at or after that step (written after the checkpoint) are dropped."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard needs the tensorboard package
+        return None
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
 class Logger:
     def __init__(self, path, enabled=True, resume_step=None):
-        self.path, self.enabled = Path(path), enabled
+        self.path, self.enabled, self.resume_step = Path(path), enabled, resume_step
         self.metrics = self.path / "metrics.jsonl"
         self.start = time.time()
+        self.show_progress, self.tensorboard = "auto", None  # log.progress, log.tensorboard (set by config())
         if enabled and resume_step is not None and self.metrics.exists():
             keep = [line for line, rec in _records(self.metrics) if rec.get("step", 0) <= resume_step]
             self.metrics.write_text("".join(line + "\n" for line in keep))
@@ -67,12 +89,21 @@ class Logger:
             sys.stdout.flush()
 
     def config(self, cfg, keep_old=None):
-        """Write ``config.yaml`` (and print it); ``keep_old``: first rename the existing one to that name."""
+        """Save and print the resolved config (``keep_old``: first rename the existing config.yaml to that
+        name), and take its ``log`` settings (progress bar, TensorBoard)."""
+        log_cfg = cfg.get("log", {})
+        self.show_progress = log_cfg.get("progress", "auto")
         if self.enabled:
             if keep_old and (self.path / "config.yaml").exists():
                 (self.path / "config.yaml").rename(self.path / keep_old)
             config_lib.save(cfg, self.path / "config.yaml")
             self.print(config_lib.dump(cfg))
+        if self.enabled and log_cfg.get("tensorboard", False) and self.tensorboard is None:
+            purge = self.resume_step + 1 if self.resume_step is not None else None
+            self.tensorboard = tensorboard_writer(self.path / "tensorboard", purge)
+            if self.tensorboard is None:
+                self.print("log.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                           "the run goes on, its metrics in metrics.jsonl only")
 
     def log(self, record):
         """Append one metrics line (numbers rounded for reading; step/epoch kept exact)."""
@@ -81,6 +112,11 @@ class Logger:
                    for k, v in record.items()}
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tensorboard is not None:  # the same numbers, against the step
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.tensorboard.add_scalar(k, v, rec.get("step", 0))
+                self.tensorboard.flush()
 
     def summary(self, record):
         if self.enabled:
@@ -91,5 +127,8 @@ class Logger:
             self.print("summary:", json.dumps(record))
 
     def progress(self, iterable, total, desc):
-        show = self.enabled and sys.stderr.isatty() or os.environ.get("ONEFILE_PROGRESS") == "1"
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
+        """``iterable`` with a tqdm bar on rank 0 as ``log.progress`` says (auto: when stderr is a terminal)."""
+        tty = sys.stderr.isatty()
+        show = self.enabled and (self.show_progress is True or (self.show_progress == "auto" and tty))
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show,
+                    mininterval=0.1 if tty else 30)

@@ -91,7 +91,7 @@ class Run:
         self.warmup_steps = cfg.optim.warmup_epochs * self.steps_per_epoch
         self.eval_sets = loaders.eval_loaders(cfg)
         bank = len(self.eval_sets["train"].dataset)
-        if max(cfg.eval.knn_k) > bank:
+        if self.eval_sets["num_classes"] and max(cfg.eval.knn_k) > bank:  # (0 classes: unlabelled, no kNN)
             raise UserError(f"eval.knn_k={cfg.eval.knn_k} asks for more neighbours than the {bank} images of the "
                             "kNN memory bank (the labelled training set): lower eval.knn_k")
         self._local_batch = cfg.optim.batch_size // dist.world_size()
@@ -303,7 +303,7 @@ class Run:
         """Two views of the first 128 SSL images, made afresh at each evaluation from ``ALIGN_SEED``: the same
         pairs every epoch, and no draw from any of the training's random streams."""
         cfg, n = self.cfg, min(128, len(self._ssl))
-        maker = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data.name), self.device, ALIGN_SEED)
+        maker = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), self.device, ALIGN_SEED)
         with torch.random.fork_rng(devices=[]):
             if maker.path == "batched":
                 batch = self._ssl.images[:n]

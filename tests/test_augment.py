@@ -342,6 +342,24 @@ def test_eval_transform_cifar_centre_crop_28():
     assert not torch.equal(t(framed[:, :, 4:28, 4:28]), batch[:, :, :24, :24])
 
 
+@pytest.mark.parametrize("size", [32, 64, 96])  # 96: RAFT App. B ("resized from 32x32 to 96x96")
+def test_eval_transform_cifar_crops_28_of_the_source_then_resizes(size):
+    """The CIFAR crop is 28/32 of the 32 x 32 source at every image_size, never padding (then resize)."""
+    from PIL import Image
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
+    x = (_structured(5).float() / 2 + 64).round().to(torch.uint8)  # centre values in [64, 192]
+    x[..., :2, :], x[..., -2:, :], x[..., :2], x[..., -2:] = 16, 16, 16, 16  # a 2-px border unlike the centre
+    out = A.eval_transform("cifar10", size, mean, std)(x)
+    assert out.shape == (5, 3, size, size)
+    padding = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1)  # where a zero-padded pixel lands
+    assert (out - padding).abs().amin() > 0.5  # no pixel anywhere near the padding value
+    crop = x[..., 2:30, 2:30]  # crop 28 of 32 ...
+    ref = TF.resize(crop, [size, size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)  # ... resize
+    ref = (ref.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    pil = Image.fromarray(x[3].permute(1, 2, 0).numpy())
+    torch.testing.assert_close(A.eval_transform("cifar10", size, mean, std)(pil), out[3], atol=1e-6, rtol=0)
+
 def test_eval_transform_imagenet_and_default():
     from PIL import Image
     x = torch.randint(0, 256, (2, 3, 300, 400), dtype=torch.uint8, generator=_gen(0))

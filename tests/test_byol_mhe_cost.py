@@ -45,7 +45,7 @@ def measure(arch="resnet18", width=64, batch=128, size=32, power="a2", parts=("p
             proj_hidden=4096, proj_dim=256, device="cpu", repeats=3, weight=10.0):
     dev = torch.device(device)
     if dev.type == "cpu":
-        dist.keep_freed_memory()  # as the scripts do on CPU (common.dist.device)
+        dist.keep_freed_memory()  # as the scripts' CPU runs do (common.dist.launch)
     torch.manual_seed(0)
     cfg = Cfg.wrap(deepcopy(BASE))
     cfg.model.update(arch=arch, width=width, cifar_stem=True, proj_hidden=proj_hidden, proj_dim=proj_dim,

@@ -105,3 +105,93 @@ def test_logger_metrics_summary_and_resume_truncation(tmp_path):
     assert [x["step"] for x in lines] == [10, 20] and lines[0]["loss"] == pytest.approx(0.1)
     log.Logger(tmp_path / "other", enabled=False).log({"step": 1})  # non-main ranks write nothing
     assert not (tmp_path / "other").exists() or not os.listdir(tmp_path / "other")
+
+
+def _log_cfg(**log_settings):
+    from common.config import merge
+    return Cfg.wrap(merge(BASE, {"log": log_settings}))
+
+
+@pytest.mark.parametrize("setting, tty, shown", [("auto", False, False), ("auto", True, True), (True, False, True),
+                                                 (False, True, False)])
+def test_log_progress_auto_true_false(tmp_path, monkeypatch, setting, tty, shown):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: tty)
+    lg = log.Logger(tmp_path)
+    lg.config(_log_cfg(progress=setting))
+    bar = lg.progress(range(3), 3, "epoch 0")
+    assert bar.disable is not shown and list(bar) == [0, 1, 2]
+    assert log.Logger(tmp_path, enabled=False).progress(range(3), 3, "x").disable  # other ranks: never
+
+
+def test_log_progress_takes_a_word_or_a_yaml_boolean():
+    from common.config import parse_overrides, resolve
+    for raw, want in (("auto", "auto"), ("true", True), ("false", False)):
+        assert resolve(BASE, [(parse_overrides([f"log.progress={raw}"]), "from --set")]).log.progress == want
+    with pytest.raises(UserError, match="'log.progress' = 'sometimes' is not one of: auto, true, false"):
+        resolve(BASE, [(parse_overrides(["log.progress=sometimes"]), "from --set")])
+    with pytest.raises(UserError, match="'out_dir' expects str"):  # booleans only where a key says so
+        resolve(BASE, [(parse_overrides(["out_dir=true"]), "from --set")])
+
+
+def test_logger_print_flushes_each_line(tmp_path, monkeypatch):
+    class Stdout:
+        def __init__(self):
+            self.text, self.flushed = "", ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            self.flushed = self.text
+    out = Stdout()
+    monkeypatch.setattr("sys.stdout", out)
+    log.Logger(tmp_path).print("epoch 1 step 4 knn200", 31.5)
+    assert out.flushed == "epoch 1 step 4 knn200 31.5\n"
+
+
+class _FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (the tensorboard package is optional)."""
+    made = []
+
+    def __init__(self, logdir, purge_step=None):
+        self.logdir, self.purge_step, self.scalars, self.flushes = logdir, purge_step, [], 0
+        _FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_tensorboard_gets_the_metrics_lines_scalars(tmp_path, monkeypatch):
+    import types
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=_FakeWriter))
+    _FakeWriter.made.clear()
+    lg = log.Logger(tmp_path)
+    lg.config(_log_cfg(tensorboard=True))
+    lg.log({"step": 10, "epoch": 0, "loss": torch.tensor(0.5), "lr": 0.1})
+    lg.log({"step": 20, "epoch": 1, "knn200": 41.25, "linear_protocol": "fast (offline)"})
+    (w,) = _FakeWriter.made
+    assert w.logdir == str(tmp_path / "tensorboard") and w.purge_step is None and w.flushes == 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert w.scalars == [(k, v, rec["step"]) for rec in lines for k, v in rec.items()
+                         if k != "step" and not isinstance(v, str)]
+    lg = log.Logger(tmp_path, resume_step=10)  # resumed at step 10: TensorBoard hides the events after it
+    lg.config(_log_cfg(tensorboard=True))
+    assert _FakeWriter.made[-1].purge_step == 11
+    log.Logger(tmp_path, enabled=False).config(_log_cfg(tensorboard=True))  # other ranks: no writer
+    assert len(_FakeWriter.made) == 2
+
+
+def test_tensorboard_not_installed_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # import fails
+    lg = log.Logger(tmp_path)
+    lg.config(_log_cfg(tensorboard=True))
+    lg.log({"step": 1, "loss": 0.5})
+    out = capsys.readouterr().out.splitlines()
+    assert [x for x in out if x.startswith("log.tensorboard")] == [
+        "log.tensorboard: the tensorboard package is not installed (pip install tensorboard); the run goes on, "
+        "its metrics in metrics.jsonl only"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}

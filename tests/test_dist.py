@@ -85,6 +85,7 @@ def test_global_batch_is_the_same_set_for_any_number_of_ranks():
 FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
+import common.augment, common.checkpoint, common.data, common.evaluate, common.loaders, common.log, common.models
 from common import dist
 from common.config import Cfg
 
@@ -97,21 +98,52 @@ def faults(n=20):  # minor page faults of 20 steps that allocate and free 36 MB 
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
+def train(cfg):  # what a script's train() sees once dist.launch has started it
+    faults(5)  # the heap settles in 3 steps
+    print("launched", faults())
+
+
 faults(2)
-before = faults()
-on_cpu = dist.device(Cfg.wrap({{"device": "cpu"}})).type == "cpu"  # the settings come from here alone
-faults(5)  # the heap settles in 3 steps
-after = faults()
-print(before, on_cpu and dist.keep_freed_memory(), after)
+cfg = Cfg.wrap({{"device": "cpu", "dist": {{"nproc": 1, "backend": "auto"}}}})
+on_cpu = dist.device(cfg).type == "cpu"
+faults(5)
+print("imported", on_cpu and faults())  # importing common and calling dist.device: the program's own allocator
+dist.launch(train, cfg)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_cpu_device_keeps_freed_memory_no_page_faults_per_step():
-    """dist.device on CPU sets glibc's allocator to keep freed memory: once warm, 20 steps that allocate and free
-    tensors of 4-36 MB fault fewer pages in than one 16 MB tensor has (glibc's defaults mmap the 36 MB one
-    afresh at every step: 20 x 8,790 pages at least)."""
+def test_keep_freed_memory_in_script_runs_only():
+    """The allocator setting is the scripts' (``dist.launch``), not an import's: a program that imports every
+    common module and calls ``dist.device`` on the CPU keeps glibc's defaults (which mmap the 36 MB tensor
+    afresh at every step: 20 x 8,790 page faults at least); once ``dist.launch`` runs ``train`` on the CPU,
+    20 steps that allocate and free tensors of 4-36 MB fault fewer pages in than one 16 MB tensor has."""
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root)], capture_output=True, text=True, check=True)
-    before, taken, after = out.stdout.split()
-    assert taken == "True" and int(before) >= 20 * 8790 and int(after) < 4096, out.stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root)], capture_output=True, text=True, check=True,
+                         env=env)
+    got = dict(line.split() for line in out.stdout.splitlines())
+    assert int(got["imported"]) >= 20 * 8790 and int(got["launched"]) < 4096, out.stdout
+
+
+LINES = """
+import os, sys
+sys.path.insert(0, {root!r})
+from common import dist
+from common.config import Cfg
+
+
+def train(cfg):
+    print("epoch 1 knn200 12.5")  # a plain print, stdout a pipe (as a file under SLURM)
+    os._exit(0)  # no flush at exit: only what was flushed when printed arrives
+
+
+dist.launch(train, Cfg.wrap({{"device": "cpu", "dist": {{"nproc": 1, "backend": "auto"}}}}))
+"""
+
+
+def test_launched_run_flushes_each_line_into_a_pipe():
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "PYTHONUNBUFFERED")}
+    out = subprocess.run([sys.executable, "-c", LINES.format(root=root)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout == "epoch 1 knn200 12.5\n", out

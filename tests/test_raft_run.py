@@ -139,6 +139,22 @@ def test_every_table_row_has_a_config_with_the_app_b_setup():
         assert (cfg.eval.linear_epochs, cfg.eval.linear_lr) == (100, 5e-4)
 
 
+def test_app_b_eval_loaders_see_the_28_px_centre_resized_to_96(monkeypatch):
+    """App. B evaluates 32x32 CIFAR-10 at 96x96: the eval loaders crop 28 of the 32 source pixels, then resize
+    (BYOL-MHE App. B.2's crop), with no padding (a crop of 28/32 x 96 = 84 of a 32 px image is 85% zeros)."""
+    import torchvision.transforms.v2.functional as TF
+    from common import data, loaders
+    cfg = parse(["--config", str(ROOT / "configs" / "raft" / "raft-mlpp.yaml")], raft.DEFAULTS, raft.CHOICES,
+                method=raft.METHOD)
+    images = torch.randint(64, 192, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(loaders, "load", lambda d, split, transform=None: data.TensorImages(images, torch.zeros(4)))
+    x, _ = next(iter(loaders.eval_loaders(cfg)["test"]))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in data.stats("cifar10"))
+    ref = TF.resize(images[..., 2:30, 2:30], [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(x, (ref / 255 - mean) / std, atol=1e-6, rtol=0)
+    assert (x - (-mean / std)).abs().amin() > 0.5  # no pixel near a zero (padding) pixel's value
+
+
 # ---------------------------------------------------------------------------------------- learning check
 FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised 128-d encoder features; a collapsed encoder gives ~0
 
