@@ -147,7 +147,10 @@ def run_script(name, overrides, between=None, time_epochs=False):
             stack.enter_context(mock.patch.object(loaders, "train_loader", timed))
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         torch.compiler.reset()  # with compile=true: no compiled code or recompile budget carried between runs
-        script.train(cfg)
+        try:
+            script.train(cfg)
+        except dist.Stopped:  # checkpoint.stop_after_step
+            pass
     return cfg, made, epochs
 
 

@@ -225,11 +225,12 @@ def test_presets_and_stats_cover_datasets():
 
 # ---------------------------------------------------------------------------------------- training loaders
 def _run_cfg(on_device, path="batched", batch=32):
-    from common.config import BASE, resolve
+    import byol_uniform
+    from common.config import BASE, merge, resolve
     user = {"seed": 3, "data": {"on_device": on_device, "workers": 0,
                                 "synthetic": {"train_size": 300, "test_size": 10, "size": 16}},
             "augment": {"path": path}, "optim": {"batch_size": batch}}
-    return resolve(BASE, [(user, "test")])
+    return resolve(merge(BASE, byol_uniform.DEFAULTS), [(user, "test")])
 
 
 def _epoch(on_device, rank, world, epoch, skip, monkeypatch):

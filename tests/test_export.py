@@ -46,7 +46,7 @@ def _checkpoint(tmp_path, script, *sets):
     _, cfg = _cfg(script, *sets)
     online = _randomise(_online(script, cfg))
     path = tmp_path / "last.pt"
-    checkpoint.save(checkpoint.snapshot(cfg, {"step": 1}, online=online), path)
+    checkpoint.save(checkpoint.snapshot(cfg, {"step": 1}, script, online=online), path)
     return online, cfg, path
 
 
@@ -111,8 +111,9 @@ def test_narrow_width_and_group_norm_load_as_printed(tmp_path):
                                     "center_penalty"])
 def test_every_scripts_online_network_exports(tmp_path, script):
     """Each script's checkpoint keeps the encoder under online.f.* in torchvision's names."""
-    online, cfg, ckpt = _checkpoint(tmp_path, script, "model.width=8", "model.proj_hidden=16",
-                                    "model.pred_hidden=16", "model.proj_dim=8")
+    heads = ["model.proj_hidden=16", "model.proj_dim=8"] + ([] if script == "decorr_nostopgrad" else
+                                                            ["model.pred_hidden=16"])  # Decorr: a linear W_p
+    online, cfg, ckpt = _checkpoint(tmp_path, script, "model.width=8", *heads)
     lines = export.export(ckpt, tmp_path / "b.pt", projector=tmp_path / "g.pt")
     net = resnet(cfg.model.arch, 8, cfg.model.cifar_stem, cfg.model.norm)[0]
     net.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))

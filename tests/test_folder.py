@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.transforms.v2.functional import to_pil_image
 
+import byol_uniform
 from common import data, evaluate, loaders
 from common.augment import ViewMaker, eval_transform
 from common.config import BASE, Cfg, merge, parse_overrides, resolve
@@ -37,7 +38,7 @@ def labelled(root, classes=("cat", "dog"), n=8, val=0, size=(16, 16)):
 
 
 def cfg(root, *sets):
-    return resolve(BASE, [(parse_overrides(["data.name=folder", f"data.root={root}", "data.image_size=16",
+    return resolve(merge(BASE, byol_uniform.DEFAULTS), [(parse_overrides(["data.name=folder", f"data.root={root}", "data.image_size=16",
                                             "data.workers=0", *sets]), "from --set")])
 
 
@@ -186,7 +187,7 @@ def test_bad_layout_is_one_clear_error(tmp_path, kind):
 # ------------------------------------------------------------------------------------------ end to end
 TINY = ["data.name=folder", "data.image_size=16", "data.workers=0", "model.width=8", "model.proj_hidden=16",
         "model.proj_dim=8", "model.pred_hidden=16", "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0",
-        "eval.linear_epochs=2", "log.every=1"]
+        "eval.linear_epochs=2", "log.every=1", "eval.knn_k=[5]"]
 S = Script("byol_uniform", TINY)
 
 
@@ -194,7 +195,7 @@ def test_byol_uniform_on_a_labelled_folder(tmp_path):
     root = labelled(tmp_path / "pngs", val=2)
     S.run(tmp_path, f"data.root={root}")
     s = S.summary(tmp_path, "r")
-    assert s["steps"] == 2 and 0 <= s["knn200"] <= 100 and 0 <= s["linear_top1"] <= 100
+    assert s["steps"] == 2 and 0 <= s["knn5"] <= 100 and 0 <= s["linear_top1"] <= 100
 
 
 def test_byol_uniform_on_an_unlabelled_folder(tmp_path):
@@ -202,7 +203,7 @@ def test_byol_uniform_on_an_unlabelled_folder(tmp_path):
     p = S.run(tmp_path, f"data.root={tmp_path / 'pngs'}")
     assert "unlabelled, SSL only" in p.stdout
     s = S.summary(tmp_path, "r")
-    assert s["steps"] == 2 and math.isnan(s["knn200"]) and "linear_top1" not in s and "uniformity" in s
+    assert s["steps"] == 2 and math.isnan(s["knn5"]) and "linear_top1" not in s and "uniformity" in s
 
 
 def test_byol_uniform_bad_layouts_stop_with_one_line(tmp_path):

@@ -79,7 +79,7 @@ def test_param_groups_exclude_bias_and_norm():
 
 def test_lr_scaling_rule_and_optimizers():
     o = Cfg.wrap(copy.deepcopy(BASE["optim"]))
-    o.update(lr=0.3, batch_size=512, accum_steps=2)
+    o.update(lr=0.3, batch_size=512, accum_steps=2, weight_decay=1e-6)
     assert scaled_lr(o) == pytest.approx(0.3 * 1024 / 256)
     assert scaled_lr(o, lr_factor=4) == pytest.approx(0.3 * 1024 / 256 * 4)
     o.lr_scaling = "none"
