@@ -147,7 +147,7 @@ BASE = {
     "dist": {
         "nproc": 1,                # >1: spawn N local processes (ignored under torchrun / srun)
         "backend": "auto",         # auto: nccl on CUDA, gloo on CPU
-        "timeout_min": 30,         # a collective waiting longer than this fails (a dead or stalled rank)
+        "timeout_min": 30.0,       # a collective waiting longer than this fails (a dead or stalled rank)
     },
 }
 

@@ -34,15 +34,18 @@ file when it is printed, and, for a run on the CPU, sets glibc's allocator to ke
 """
 import ctypes
 import datetime
+import gc
 import os
 import random
 import signal
 import socket
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from common.config import UserError
 
@@ -73,6 +76,7 @@ class Stopped(Exception):
         self.code = code
 
 
+GRACE_S = 5     # seconds the other ranks get to exit on their own after one rank exits with an error
 _CONTROL = []  # the Gloo group of agree / any_rank (the default group unless that is NCCL)
 _ON_EXIT = []  # functions to call when train() returns or raises (lock release, signal handlers)
 
@@ -321,6 +325,7 @@ def _spawned(local_rank, train, cfg, nproc, port):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ONEFILE_SPAWNED="1")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which sends us SIGTERM
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: os._exit below would leak it
     try:  # Linux: SIGTERM (checkpoint, then exit) if the launcher dies
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -363,16 +368,20 @@ def launch(train, cfg):
                 os.kill(p.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, forward)
+    code, msg = 0, None
     try:
-        while not ctx.join():
+        while not ctx.join(grace_period=GRACE_S):  # after a rank fails, the others get GRACE_S s, then SIGTERM
             pass
-    except torch.multiprocessing.ProcessExitedException as e:  # the others are terminated by then
+    except torch.multiprocessing.ProcessExitedException as e:  # the others have ended by then
         code = e.exit_code if e.exit_code and e.exit_code > 0 else 1
-        if code not in (2, 3):  # 2: a UserError (printed by rank 0), 3: stopped (printed by rank 0)
-            print(f"error: process {e.error_index} (rank {e.error_index}) exited with code {e.exit_code}",
-                  file=sys.stderr, flush=True)
-        sys.exit(code)
+        if code not in (2, 3):  # 2: a UserError, 3: a stop (rank 0 printed its line)
+            msg = f"error: process {e.error_index} (rank {e.error_index}) exited with code {e.exit_code}"
     except torch.multiprocessing.ProcessRaisedException as e:
         last = [line for line in str(e).strip().splitlines() if line.strip()][-1]
-        print(f"error: process {e.error_index} (rank {e.error_index}) failed: {last}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        code, msg = 1, f"error: process {e.error_index} (rank {e.error_index}) failed: {last}"
+    del ctx  # release the queues' semaphores now (else the resource tracker warns at exit)
+    gc.collect()
+    if msg:
+        print(msg, file=sys.stderr, flush=True)
+    if code:
+        sys.exit(code)

@@ -51,29 +51,29 @@ SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 class Run:
     def __init__(self, cfg, method):
-        self.cfg, self.method = cfg, method
+        """Check that this run may start (run folder free, resume checkpoint readable and fitting, not finished)
+        before anything is written; a run that fails before ``start`` leaves no new folder behind."""
+        self.cfg, self.method, self._started = cfg, method, False
         self.device = dist.device(cfg)
+        new_folder = not (Path(cfg.out_dir) / method / cfg.name).exists()
         self.dir = log.run_dir(cfg, method)
+        if new_folder and dist.is_main():
+            dist.on_exit(lambda: self._started or _prune(self.dir))
         dist.agree(lambda: lock(self.dir))  # one run per folder; a dead process's lock is taken over
         if dist.is_main():
             dist.on_exit(lambda: unlock(self.dir))
-        ckpt = checkpoint.resume_path(self.dir, cfg.resume)
-        self.state = checkpoint.load(ckpt) if ckpt else None
-        self._changes = checkpoint.check_resume(self.state, cfg, method) if ckpt else {}
-        if ckpt and self._finished():
+        self._ckpt = checkpoint.resume_path(self.dir, cfg.resume)
+        self.state = checkpoint.load(self._ckpt) if self._ckpt else None
+        self._changes = checkpoint.check_resume(self.state, cfg, method) if self.state else {}
+        if self.state and self._finished():
             raise dist.Stopped(0, f"run {self.dir} already finished (step {self.state['counters']['step']}, "
                                   "summary.json); nothing to do: set name=... for a new run")
-        self.logger = log.Logger(self.dir, dist.is_main(), resume_step=self.state["counters"]["step"] if ckpt else None)
-        if ckpt:
-            self.logger.print(f"resuming {ckpt} at step {self.state['counters']['step']}")
-        self.logger.config(cfg, keep_old=f"config_until_step{self.state['counters']['step']}.yaml"
-                           if self._changes else None)
         dist.seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.accum = cfg.optim.accum_steps
+        self.accum, self._signal, self.logger = cfg.optim.accum_steps, None, None
         self.c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, images=0, train_s=0.0, wall_s=0.0,
                       config_changes=[])
-        self._saved = (ckpt, self.state["counters"]["step"]) if ckpt else None  # the last good checkpoint
-        self._signal, self._ok = None, torch.ones((), dtype=torch.bool, device=self.device)
+        self._saved = (self._ckpt, self.state["counters"]["step"]) if self.state else None  # the last good one
+        self._ok = torch.ones((), dtype=torch.bool, device=self.device)  # loss finite so far (on the device)
         self._t_start, self._evaluated, self._stop = time.time(), None, False
         self._install_signal_handlers()
 
@@ -110,8 +110,13 @@ class Run:
 
         ``extra_metrics()``: the script's own metrics at each evaluation (every rank calls it);
         ``epoch_end()``: metrics logged at the end of every epoch."""
-        self.encoder, self.objects = encoder, objects
+        self.encoder, self.objects, self._started = encoder, objects, True
         self._extra, self._epoch_end = extra_metrics or dict, epoch_end or dict
+        step = self.state["counters"]["step"] if self.state else None
+        self.logger = log.Logger(self.dir, dist.is_main(), resume_step=step)  # (a fresh run: old records aside)
+        if self.state:
+            self.logger.print(f"resuming {self._ckpt} at step {step}")
+        self.logger.config(self.cfg, keep_old=f"config_until_step{step}.yaml" if self._changes else None)
         precision = self.cfg.precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -269,7 +274,8 @@ class Run:
         def handler(signum, frame):
             if self._signal is None:
                 self._signal = signal.Signals(signum).name
-                self.logger.print(f"{self._signal}: finishing the current step, then writing a checkpoint")
+                if dist.is_main():
+                    print(f"{self._signal}: finishing the current step, then writing a checkpoint", flush=True)
         for name in SIGNALS:
             if os.environ.get("ONEFILE_SPAWNED") and name == "SIGINT":
                 continue  # spawned ranks: the launcher forwards Ctrl-C as SIGTERM
@@ -346,6 +352,15 @@ def lock(run_dir):
             json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
         return
     raise UserError(f"could not take the lock {path.resolve()}: another run is starting in that folder")
+
+
+def _prune(run_dir):
+    """Remove a run folder this run created if it holds nothing (the run stopped before it started)."""
+    for d in (Path(run_dir) / "checkpoints", Path(run_dir)):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def unlock(run_dir):
