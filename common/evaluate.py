@@ -24,7 +24,8 @@ same encoder weights and gets the same dict; no rank waits while another evaluat
 * Feature extraction is sharded by whole batches: the eval loaders (``loaders.eval_loaders``) cut the set into
   the sequential batches of one process (``RankBatches``) and rank r encodes batches r, r+W, r+2W, ...;
   ``extract_features`` gathers them back into the one-process order. Every image goes through the encoder in
-  the batch it has on one process: the features are those of one process (bit for bit on CPU).
+  the batch it has on one process: the features are those of one process (bit for bit on CPU at the same
+  number of threads).
 * k-NN: rank r scores the query chunks r, r+W, ... against the whole bank; the counts of correct predictions
   are summed over ranks. On the same features the accuracies equal one process's exactly.
 * Fast linear probe: every rank trains the same deterministic probe on the same gathered features (no
