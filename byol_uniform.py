@@ -123,7 +123,7 @@ def train(cfg):
     if state:  # exact resume: weights, optimizer, counters, RNG streams
         c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
         logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+    else:  # kNN of the random-init encoder (all ranks: collective): the baseline SSL must beat
         c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
         logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
     step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
@@ -188,7 +188,7 @@ def train(cfg):
         epoch, batch_in_epoch = epoch + 1, 0
 
         # ---- end of epoch: kNN monitor, alignment/uniformity, checkpoint
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+        if epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0):
             metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
             logger.log({"step": step, "epoch": epoch, **metrics})
             logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
@@ -203,12 +203,11 @@ def train(cfg):
         dist.barrier()
 
     # ---- final evaluation: kNN, linear probe (offline, frozen encoder), summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **linear,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+    linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+    logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                    "knn_init": c["knn_init"], **final, **linear,
+                    "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
     dist.barrier()
     return None
 

@@ -264,7 +264,7 @@ def train(cfg):
     if state:  # exact resume: weights, optimizer, counters, RNG streams
         c = checkpoint.restore(state, cfg, online=online, optimizer=opt, views=views)
         logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+    else:  # kNN of the random-init encoder (all ranks: collective): the baseline SSL must beat
         c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
         logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
     step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
@@ -333,16 +333,16 @@ def train(cfg):
 
         # ---- end of epoch: kNN monitor, Fig. 1 / Fig. 4 diagnostics, W_p, checkpoint
         last = epoch == cfg.optim.epochs
-        if dist.is_main() and (last or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+        if last or (cfg.eval.every and epoch % cfg.eval.every == 0):
             metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
             diag = representation_diagnostics(online, eval_loaders, dev)
             if online.W_p is not None and cfg.diag.wp_every and (last or epoch % cfg.diag.wp_every == 0):
                 wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
                 diag.update(wp_metrics)
-                checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
-                                 "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
-                                 "epoch": epoch,
-                                 "step": step}, run / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
+                if dist.is_main():
+                    checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
+                                     "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
+                                     "epoch": epoch, "step": step}, run / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
             logger.log({"step": step, "epoch": epoch, **metrics, **diag})
             logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} " +
                          " ".join(f"{k} {v:.4g}" for k, v in {**metrics, **diag}.items()))
@@ -356,15 +356,14 @@ def train(cfg):
         dist.barrier()
 
     # ---- final evaluation: kNN, diagnostics, collapse verdict, linear probe (offline), summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        diag = diag or representation_diagnostics(online, eval_loaders, dev)
-        collapsed = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                        "knn_init": c["knn_init"], **final, **diag, "collapsed": collapsed,
-                        "collapse_floor": cfg.diag.collapse_floor, **linear,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+    diag = diag or representation_diagnostics(online, eval_loaders, dev)
+    collapsed = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
+    linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+    logger.summary({"method": METHOD, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                    "knn_init": c["knn_init"], **final, **diag, "collapsed": collapsed,
+                    "collapse_floor": cfg.diag.collapse_floor, **linear,
+                    "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
     dist.barrier()
     return None
 

@@ -210,7 +210,7 @@ def train(cfg):
     if state:  # exact resume: weights, optimizer, counters, RNG streams
         c = checkpoint.restore(state, cfg, online=online, target=target, optimizer=opt, views=views)
         logger.print(f"resumed from {ckpt_file} at step {c['step']} (epoch {c['epoch']})")
-    elif dist.is_main():  # kNN of the random-init encoder: the baseline SSL must beat
+    else:  # kNN of the random-init encoder (all ranks: collective): the baseline SSL must beat
         c["knn_init"] = monitor(online.f, eval_loaders, dev, cfg.eval)[f"knn{cfg.eval.knn_k[0]}"]
         logger.log({"step": 0, "epoch": 0, f"knn{cfg.eval.knn_k[0]}_init": c["knn_init"]})
     step, epoch, batch_in_epoch = c["step"], c["epoch"], c["batch_in_epoch"]
@@ -282,7 +282,7 @@ def train(cfg):
         c["history"] = (c["history"] + [[epoch, align_qf, uniform_f]])[-10:]
         acc.zero_()
         logger.log({"step": step, "epoch": epoch, "align_qf": align_qf, "uniform_f": uniform_f})
-        if dist.is_main() and (epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0)):
+        if epoch == cfg.optim.epochs or (cfg.eval.every and epoch % cfg.eval.every == 0):
             metrics = monitor(online.f, eval_loaders, dev, cfg.eval, views=(x1, x2))
             logger.log({"step": step, "epoch": epoch, **metrics})
             logger.print(f"epoch {epoch} step {step} loss {loss.item():.4f} align_qf {align_qf:.3e} "
@@ -297,19 +297,18 @@ def train(cfg):
         dist.barrier()
 
     # ---- final evaluation: kNN, linear probe (offline, frozen encoder), Tab. 1 metrics, summary.json
-    if dist.is_main():
-        final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
-        linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
-        last = c["history"]
-        tab1 = {"align_qf_last10": sum(h[1] for h in last) / len(last) if last else None,
-                "uniform_f_last10": sum(h[2] for h in last) / len(last) if last else None,
-                "last10_epochs": [h[0] for h in last]}
-        logger.summary({"method": METHOD, "objective": lc.objective, "predictor": cfg.model.predictor,
-                        "tangential": lc.tangential, "alpha": lc.alpha, "beta": lc.beta,
-                        "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta, "seed": cfg.seed,
-                        "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "knn_init": c["knn_init"],
-                        **final, **linear, **tab1,
-                        "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
+    final = metrics or monitor(online.f, eval_loaders, dev, cfg.eval)  # the last epoch's, if it ran here
+    linear = final_linear_eval(online.f, eval_loaders, dev, cfg)
+    last = c["history"]
+    tab1 = {"align_qf_last10": sum(h[1] for h in last) / len(last) if last else None,
+            "uniform_f_last10": sum(h[2] for h in last) / len(last) if last else None,
+            "last10_epochs": [h[0] for h in last]}
+    logger.summary({"method": METHOD, "objective": lc.objective, "predictor": cfg.model.predictor,
+                    "tangential": lc.tangential, "alpha": lc.alpha, "beta": lc.beta,
+                    "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta, "seed": cfg.seed,
+                    "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "knn_init": c["knn_init"],
+                    **final, **linear, **tab1,
+                    "images_per_s": round(images_seen / max(t_train, 1e-9), 1), "steps": step})
     dist.barrier()
     return None
 
