@@ -201,6 +201,36 @@ def all_reduce_mean(x):
     return x
 
 
+def all_reduce_sum(x):
+    """Sum a (detached) tensor over ranks (a copy; ``x`` is left alone)."""
+    if world_size() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_uneven(x):
+    """Every rank's ``x`` (no gradients), as a list in rank order; the ranks' sizes may differ in dim 0.
+
+    Same dtype and number of dims on every rank; a rank with no rows may pass any trailing shape (an empty
+    rank's features ``[0, 0]``): it receives those of the ranks with rows.
+    """
+    if world_size() == 1:
+        return [x]
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)
+    shapes = [s.tolist() for s in shapes]
+    rows = [s[0] for s in shapes]
+    trailing = next((s[1:] for s in shapes if s[0]), list(x.shape[1:]))
+    buf = x.new_zeros((max(rows), *trailing))
+    if len(x):
+        buf[:len(x)] = x
+    out = [torch.empty_like(buf) for _ in range(world_size())]
+    dist.all_gather(out, buf)
+    return [o[:n] for o, n in zip(out, rows)]
+
+
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU/Gloo (torch's runs on GPUs only): batch statistics over all ranks.
 

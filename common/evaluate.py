@@ -17,6 +17,26 @@ Conventions (cite these next to every number in the README):
   encoder in eval mode, caller-supplied augmentation on each training batch,
   zero-initialised ``nn.Linear`` trained with the given optimizer and cosine lr;
   top-1/top-5 on the un-augmented test set.
+
+Several processes (DDP). ``monitor`` and ``final_linear_eval`` are collective: every rank calls them with the
+same encoder weights and gets the same dict; no rank waits while another evaluates.
+
+* Feature extraction is sharded by whole batches: the eval loaders (``loaders.eval_loaders``) cut the set into
+  the sequential batches of one process (``RankBatches``) and rank r encodes batches r, r+W, r+2W, ...;
+  ``extract_features`` gathers them back into the one-process order. Every image goes through the encoder in
+  the batch it has on one process: the features are those of one process (bit for bit on CPU at the same
+  number of threads).
+* k-NN: rank r scores the query chunks r, r+W, ... against the whole bank; the counts of correct predictions
+  are summed over ranks. On the same features the accuracies equal one process's exactly.
+* Fast linear probe: every rank trains the same deterministic probe on the same gathered features (no
+  communication; its cost is small beside the extraction): the numbers of one process exactly.
+* Paper linear probe: the head in DDP, each global batch of ``eval.linear_batch_size`` split evenly over the
+  ranks (the same images per step as one process: a seeded ``DistributedSampler``, the last incomplete batch
+  of an epoch dropped), test counts summed over ranks. It differs from one process by float round-off and,
+  on the batched augmentation path only, by the augmentation's random draws (each rank its own stream: a
+  different draw, as another seed gives). Tolerance (tests/test_evaluate_dist.py): with the views of one
+  process (deterministic views, or ``augment.path: cpu | hybrid``, seeded per image) top-1/top-5 within one
+  test image of one process; batched random views within the probe's seed-to-seed spread.
 * Diagnostics (all on l2-normalised inputs unless stated): alignment and
   uniformity of Wang & Isola 2020 (``alpha=2``, ``t=2``), the centre-vector
   norm, ``||Sigma - I||_F^2`` of the feature correlation matrix, and the mean
@@ -30,13 +50,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .config import UserError
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Evaluation batches: the sequential batches of ``batch_size`` over ``n`` items (the last one shorter), of
+    which this rank takes batches rank, rank + W, rank + 2W, ... (all of them on one process). A DataLoader's
+    ``batch_sampler`` (or, with ``batch_size=None``, its ``sampler``); ``extract_features`` gathers."""
+
+    def __init__(self, n, batch_size):
+        self.n, self.batch_size = n, batch_size
+
+    def _mine(self):
+        return range(dist.rank(), math.ceil(self.n / self.batch_size), dist.world_size())
+
+    def __iter__(self):
+        for b in self._mine():
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))
+
+    def __len__(self):
+        return len(self._mine())
+
+
+def _rank_batches(loader):
+    return next((s for s in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None))
+                 if isinstance(s, RankBatches)), None)
+
+
+def _in_order(x, batch_size):
+    """All ranks' rows (rank r: its batches r, r+W, ... concatenated) in the one-process order."""
+    parts, w = dist.all_gather_uneven(x), dist.world_size()
+    out = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))
+    for r, p in enumerate(parts):
+        i = torch.arange(len(p), device=p.device)
+        out[(r + i // batch_size * w) * batch_size + i % batch_size] = p  # local batch j is global batch r + jW
+    return out
 
 
 @torch.no_grad()
 def extract_features(encoder, loader, device, max_batches=None):
-    """Run ``encoder`` (in eval mode) over ``loader``; returns (float32 [N, D], labels [N]) on ``device``.
+    """Run ``encoder`` (in eval mode) over ``loader``; returns (float32 [N, D], int64 labels [N]) on ``device``.
 
+    Collective when ``loader`` is batched by ``RankBatches`` and W > 1 processes run: each rank encodes its
+    batches and every rank returns the whole set, in the one-process order (module docstring). Any other
+    loader is read whole by the calling rank. ``max_batches``: only this rank's first batches, not gathered.
     The encoder's previous train/eval mode is restored afterwards.
     """
     was_training = encoder.training
@@ -48,10 +106,15 @@ def extract_features(encoder, loader, device, max_batches=None):
                 break
             f = encoder(x.to(device, non_blocking=True))
             feats.append(f.flatten(1).float())
-            labels.append(y.to(device))
+            labels.append(y.to(device).long())
     finally:
         encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    f = torch.cat(feats) if feats else torch.empty(0, 0, device=device)  # a rank may have no batch
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
+    shard = _rank_batches(loader)
+    if shard is None or max_batches is not None or dist.world_size() == 1:
+        return f, y
+    return _in_order(f, shard.batch_size), _in_order(y, shard.batch_size)
 
 
 # ----------------------------------------------------------------------------- k-NN
@@ -94,18 +157,25 @@ def knn_predict(train_f, train_y, test_f, k=200, t=0.1, num_classes=None, weight
 def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_classes=None, weighted=True,
                    chunk=1024):
     """{"knn<k>": top-1 %} for every k in ``ks``; the top-max(ks) search is done once and sliced.
-    ``num_classes=0`` (no labels: an unlabelled ``data.name=folder``): nan for every k."""
+
+    Collective under W > 1 processes (every rank passes the same features): rank r scores the query chunks
+    r, r+W, ... (one process's chunks, so each prediction is one process's) and the numbers of correct
+    predictions are summed over ranks: the accuracies of one process, exactly. ``num_classes=0`` (no labels:
+    an unlabelled ``data.name=folder``): nan for every k.
+    """
     if num_classes == 0:
         return {f"knn{k}": math.nan for k in ks}
-    sims, idx = _topk_neighbours(train_f, test_f, max(ks), chunk)
-    nb_labels = train_y.to(idx.device)[idx]
     c = _num_classes(num_classes, train_y, test_y)
-    test_y = test_y.to(nb_labels.device)
-    out = {}
-    for k in ks:
-        pred = _vote(sims[:, :k], nb_labels[:, :k], c, t, weighted)
-        out[f"knn{k}"] = 100.0 * (pred == test_y).double().mean().item()
-    return out
+    bank = F.normalize(train_f, dim=1)
+    train_y, kmax = train_y.to(bank.device), min(max(ks), bank.shape[0])
+    chunks = list(zip(F.normalize(test_f.to(bank), dim=1).split(chunk), test_y.to(bank.device).split(chunk)))
+    correct = torch.zeros(len(ks), dtype=torch.long, device=bank.device)
+    for q, y in chunks[dist.rank()::dist.world_size()]:
+        sims, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, most similar first
+        nb_labels = train_y[idx]
+        for j, k in enumerate(ks):
+            correct[j] += (_vote(sims[:, :k], nb_labels[:, :k], c, t, weighted) == y).sum()
+    return {f"knn{k}": 100.0 * (n / len(test_y)) for k, n in zip(ks, dist.all_reduce_sum(correct).tolist())}
 
 
 @torch.no_grad()
@@ -171,19 +241,25 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batc
 
 
 def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_loader, augment, device, epochs,
-                           lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False):
+                           lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False, sampler=None):
     """Paper protocol: frozen encoder (eval, no grad), ``augment(batch) -> float tensor on device`` on every
     training batch (it moves the batch to the device itself),
     linear head with the given optimizer and cosine lr over ``epochs * len(train_loader)`` steps.
     Returns {"top1": %, "top5": %} on ``test_loader`` (no augmentation). Encoder mode is restored.
+
+    Under W > 1 processes collective: the head is trained in DDP (``train_loader`` gives this rank its share of
+    each global batch; ``sampler.set_epoch`` is called every epoch) and the test counts of the ranks' shares of
+    ``test_loader`` are summed.
     """
     was_training = encoder.training
     encoder.eval()
-    head = _zero_linear(feat_dim, num_classes, device)
+    head = dist.ddp(_zero_linear(feat_dim, num_classes, device), torch.device(device))
     opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum, nesterov)
     sched = _cosine(opt, epochs * len(train_loader))
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             for x, y in train_loader:
                 with torch.no_grad():
                     f = encoder(augment(x)).flatten(1).float()
@@ -199,6 +275,7 @@ def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_lo
                 y = y.to(device)
                 a, b = _topk_correct(head(encoder(x.to(device)).flatten(1).float()), y, num_classes)
                 c1, c5, n = c1 + a, c5 + b, n + len(y)
+        c1, c5, n = dist.all_reduce_sum(torch.tensor([c1, c5, n], device=device)).tolist()
     finally:
         encoder.train(was_training)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
@@ -244,13 +321,15 @@ def feature_std(z):
 
 # ----------------------------------------------------------------------------- what the scripts call
 def monitor(encoder, loaders, device, eval_cfg, views=None):
-    """The per-eval metrics every script logs.
+    """The per-eval metrics every script logs. Collective: every rank calls it and gets the same dict.
 
     ``loaders``: ``{"train", "test", "num_classes"}`` from ``loaders.eval_loaders`` (un-augmented).
     Weighted kNN at each ``eval_cfg.knn_k`` (T = ``eval_cfg.knn_t``, cosine, train set as memory bank)
     on encoder features; uniformity (t=2, on up to 2048 test features), centre-vector norm and the
     collapse indicator ``feature_std`` of the test features; and, given ``views=(x1, x2)`` (two augmented
-    views of a batch), the alignment (alpha=2) of the encoder features of the two views.
+    views of this rank's batch), the alignment (alpha=2) of the encoder features of the two views, averaged
+    over the views of all ranks. Features extracted sharded and gathered, kNN scoring split over the ranks:
+    the kNN accuracies of one process, exactly (module docstring).
     """
     train_f, train_y = extract_features(encoder, loaders["train"], device)
     test_f, test_y = extract_features(encoder, loaders["test"], device)
@@ -263,16 +342,27 @@ def monitor(encoder, loaders, device, eval_cfg, views=None):
         was_training = encoder.training
         encoder.eval()
         with torch.no_grad():
-            out["alignment"] = alignment(encoder(views[0]).float(), encoder(views[1]).float()).item()
+            a = alignment(encoder(views[0]).float(), encoder(views[1]).float())
         encoder.train(was_training)
+        out["alignment"] = a.item() if dist.world_size() == 1 else _mean_over_ranks(a, len(views[0]))
     return out
+
+
+def _mean_over_ranks(mean, n):
+    """The mean over the samples of all ranks, from each rank's ``mean`` over its ``n`` samples."""
+    s = dist.all_reduce_sum(torch.stack([mean.double() * n, torch.tensor(float(n), dtype=torch.float64,
+                                                                          device=mean.device)]))
+    return (s[0] / s[1]).item()
 
 
 def final_linear_eval(encoder, loaders, device, cfg):
     """Linear accuracy of the frozen encoder (offline): ``cfg.eval.linear`` = fast | paper | none.
+    Collective: every rank calls it and gets the same dict.
 
-    fast: ``linear_probe`` on cached un-augmented features. paper: ``linear_probe_augmented`` with the
-    random-crop + flip loader ``loaders["train_aug"]`` / ``loaders["augment"]`` (BYOL-MHE App. D: SGD).
+    fast: ``linear_probe`` on cached un-augmented features (extracted sharded, gathered; every rank trains the
+    same probe: one process's numbers exactly). paper: ``linear_probe_augmented`` with the random-crop + flip
+    loader ``loaders["train_aug"]`` / ``loaders["augment"]`` (BYOL-MHE App. D: SGD), the head in DDP (one
+    process's result up to round-off and the augmentation's random draws; module docstring).
     """
     e = cfg.eval
     if e.linear == "none" or loaders.get("num_classes") == 0:  # 0: no labels (an unlabelled data.name=folder)
@@ -284,8 +374,16 @@ def final_linear_eval(encoder, loaders, device, cfg):
                            batch_size=e.linear_batch_size, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
                            optimizer=e.linear_optimizer, seed=cfg.seed)
     else:
-        feat_dim = extract_features(encoder, loaders["test"], device, max_batches=1)[0].shape[1]
+        dim = extract_features(encoder, loaders["train"], device, max_batches=1)[0].shape[1]
+        feat_dim = max(int(d) for d in dist.all_gather_uneven(torch.tensor([dim], device=device)))  # any rank's
         res = linear_probe_augmented(encoder, feat_dim, loaders["num_classes"], loaders["train_aug"],
                                      loaders["test"], loaders["augment"], device, e.linear_epochs, e.linear_lr,
-                                     e.linear_weight_decay, optimizer=e.linear_optimizer)
+                                     e.linear_weight_decay, optimizer=e.linear_optimizer,
+                                     sampler=loaders["train_aug_sampler"])
     return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_protocol": f"{e.linear} (offline)"}
+
+
+if __name__ == "__main__":  # python -m common.evaluate RUN_DIR_or_CHECKPOINT [--set key=value ...]
+    from common.evaluate_cli import main
+
+    main()

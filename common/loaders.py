@@ -5,7 +5,8 @@ DataLoader that indexes the in-memory tensor a whole batch at a time, or with ``
 the images kept on the training device, ``DeviceBatches``: same sampler, same batches, no workers), or the
 K views made per image in DataLoader workers (``augment.path: cpu | hybrid``). ``ResumableSampler`` is the
 DistributedSampler of both, able to skip the first batches of an epoch (exact mid-epoch resume).
-``eval_loaders`` gives the un-augmented train/test loaders of the kNN monitor and the linear probe.
+``eval_loaders`` gives the un-augmented train/test loaders of the kNN monitor and the linear probe, each rank
+its share of whole batches (``evaluate.RankBatches``), and the augmented, DDP-sharded loader of the paper probe.
 """
 import torch
 
@@ -13,6 +14,7 @@ from common import dist
 from common.augment import MultiViewDataset, ViewMaker, eval_transform
 from common.config import UserError
 from common.data import TensorImages, decoded_per_image, load, num_classes, stats
+from common.evaluate import RankBatches
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -109,19 +111,23 @@ def train_loader(dataset, cfg, views, device):
     return loader, sampler
 
 
-def _eval_loader(dataset, transform, batch_size, workers, shuffle=False):
-    """Batches of ``dataset``; ``transform`` runs on whole batches for in-memory data (else in the dataset)."""
+def _eval_loader(dataset, transform, batch_size, workers):
+    """This rank's share of the sequential batches of ``dataset`` (``RankBatches``); ``transform`` runs on whole
+    batches for in-memory data (else in the dataset). Own generator: evaluating leaves torch's RNG alone."""
+    batches, gen = RankBatches(len(dataset), batch_size), torch.Generator()
     if isinstance(dataset, TensorImages):
-        order = torch.utils.data.RandomSampler(dataset) if shuffle else torch.utils.data.SequentialSampler(dataset)
-        return torch.utils.data.DataLoader(_Batches(dataset, transform), batch_size=None,
-                                           sampler=torch.utils.data.BatchSampler(order, batch_size, False))
-    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle, num_workers=workers)
+        return torch.utils.data.DataLoader(_Batches(dataset, transform), batch_size=None, sampler=batches,
+                                           generator=gen)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=gen)
 
 
 def eval_loaders(cfg):
     """Un-augmented loaders for evaluation: ``{"train", "test", "num_classes"}`` (train = kNN memory bank /
-    linear-probe training set); with ``eval.linear: paper`` also ``"train_aug"`` and ``"augment"`` (random
-    resized crop + flip on the training device, the linear-evaluation protocol of Grill et al.)."""
+    linear-probe training set), each rank its share of whole batches (``RankBatches``); with ``eval.linear:
+    paper`` also ``"train_aug"``, its ``"train_aug_sampler"`` and ``"augment"`` (random resized crop + flip on
+    the training device, the linear-evaluation protocol of Grill et al.): each rank gets its
+    ``eval.linear_batch_size / W`` images of every global batch (a seeded ``DistributedSampler``, as in
+    training; the last incomplete batch of an epoch is dropped) and its own augmentation stream."""
     d, e = cfg.data, cfg.eval
     mean, std = stats(d)
     tf = eval_transform(d.name, d.image_size, mean, std)
@@ -130,11 +136,26 @@ def eval_loaders(cfg):
                                e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
     if e.linear == "paper":
+        world = dist.world_size()
+        if e.linear_batch_size % world:
+            raise UserError(f"eval.linear_batch_size={e.linear_batch_size} must be divisible by the {world} "
+                            "processes")
+        local = e.linear_batch_size // world
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
-        maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed)
+        maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed + 1000 * dist.rank())
         train = load(d, "train")
         if cfg.augment.path != "batched":
             train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)
-        out["train_aug"] = _eval_loader(train, None, e.linear_batch_size, d.workers, shuffle=True)
+        sampler = ResumableSampler(train, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,
+                                   drop_last=True)
+        common = dict(pin_memory=maker.device.type == "cuda", generator=torch.Generator())
+        if isinstance(train, TensorImages):
+            batches = torch.utils.data.BatchSampler(sampler, local, drop_last=True)
+            out["train_aug"] = torch.utils.data.DataLoader(_Batches(train), sampler=batches, batch_size=None,
+                                                           **common)
+        else:
+            out["train_aug"] = torch.utils.data.DataLoader(train, local, sampler=sampler, num_workers=d.workers,
+                                                           drop_last=True, **common)
+        out["train_aug_sampler"] = sampler
         out["augment"] = lambda batch: maker(batch)[0]
     return out
