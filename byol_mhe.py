@@ -61,8 +61,8 @@ from common import data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
-from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.models import Online, maybe_compile
+from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
 
 METHOD = "byol_mhe"
@@ -163,20 +163,6 @@ def energies(online, parts, power):
     return out
 
 
-class Online(nn.Module):
-    """f_θ (ResNet without fc), g_θ (projector MLP), q_θ (predictor MLP); one call for all views."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
-        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
-        self.q = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
-
-    def forward(self, views):
-        zs = [self.g(self.f(x)) for x in views]
-        return zs, [self.q(z) for z in zs]
-
-
 def check_mhe(cfg):
     """Resolve ``mhe.power`` (null = a2) to one of POWERS and check ``mhe.layers``."""
     power = cfg.mhe.power
@@ -232,14 +218,10 @@ def train(cfg):
         with run.micro_step(model, last_micro):
             loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
             run.backward(loss)
-        if not last_micro:
-            continue
-        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
-        set_lr(opt, lr)
-        run.optimizer_step(opt, online)
-        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
-        ema.update(tau)  # ξ <- τξ + (1-τ)θ
-        run.step_done(loss, {**logs, "lr": lr, "tau": tau})  # metrics, NaN guard, checkpoints, stops
+        if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+            run.step_done(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard, checkpoints, stops
     run.finish({"mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers, "mhe_weight": cfg.mhe.weight})
 
 

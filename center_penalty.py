@@ -177,6 +177,7 @@ def set_lrs(opt, lr, peak_lr, fix_pred_lr):
     for grp in opt.param_groups:
         if grp.get("predictor") and fix_pred_lr:
             grp["lr"] = peak_lr * grp["lr_mult"]
+    return lr
 
 
 # --------------------------------------------------------------------------- toy runs (§3.2, App. B.1)
@@ -306,12 +307,11 @@ def train(cfg):
         with run.micro_step(model, last_micro):
             loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
             run.backward(loss)
-        if not last_micro:
-            continue
-        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
-        set_lrs(opt, lr, peak_lr, cfg.simsiam.fix_pred_lr)
-        run.optimizer_step(opt, online)
-        run.step_done(loss, {**logs, "lr": lr})  # ||s|| every step; NaN guard, checkpoints, stops
+        if last_micro:  # the optimizer step (lr: cosine; SimSiam's predictor may keep its lr); no target network
+            lr = set_lrs(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr), peak_lr,
+                         cfg.simsiam.fix_pred_lr)
+            run.optimizer_step(opt, online)
+            run.step_done(loss, logs, lr=lr)  # ||s|| every step; NaN guard, checkpoints, stops
     run.finish({"variant": cfg.loss.variant})
 
 

@@ -72,7 +72,7 @@ from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.evaluate import correlation_distance, extract_features, feature_std
 from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
 
 METHOD = "decorr_nostopgrad"
@@ -280,12 +280,9 @@ def train(cfg):
         with run.micro_step(model, last_micro):
             loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
             run.backward(loss)
-        if not last_micro:
-            continue
-        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
-        set_lr(opt, lr)
-        run.optimizer_step(opt, online)
-        run.step_done(loss, {**logs, "lr": lr})  # metrics, NaN guard, checkpoints, stops
+        if last_micro:  # the optimizer step (lr: warm-up, then cosine); no target network
+            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+            run.step_done(loss, logs, lr=lr)  # metrics, NaN guard, checkpoints, stops
     run.finish({"collapse_floor": cfg.diag.collapse_floor})
 
 

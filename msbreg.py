@@ -46,7 +46,7 @@ from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.evaluate import extract_features, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
 
 METHOD = "msbreg"
@@ -189,14 +189,10 @@ def train(cfg):
         with run.micro_step(model, last_micro):
             loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
             run.backward(loss)
-        if not last_micro:
-            continue
-        lr = lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr)  # warm-up, then cosine
-        set_lr(opt, lr)
-        run.optimizer_step(opt, online)
-        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
-        ema.update(tau)  # ξ <- τξ + (1-τ)θ
-        run.step_done(loss, {**logs, "lr": lr, "tau": tau})  # metrics, NaN guard, checkpoints, stops
+        if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+            run.step_done(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard, checkpoints, stops
     majority = knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k) \
         if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
     run.finish({"K": K, **majority})

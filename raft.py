@@ -63,8 +63,8 @@ from common.augment import ViewMaker
 from common.config import parse
 from common.ema import EMA, tau_at
 from common.evaluate import uniformity
-from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
+from common.models import Online, maybe_compile, mlp
+from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
 
 METHOD = "raft"
@@ -150,20 +150,6 @@ def predictor(m):
     return w
 
 
-class Online(nn.Module):
-    """f_θ (ResNet without fc), g_θ (projector 512-BN-ReLU-128), q_w; one call for both views."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
-        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm="none" if m.norm == "none" else "bn")
-        self.q = predictor(m)
-
-    def forward(self, views):
-        zs = [self.g(self.f(x)) for x in views]
-        return zs, [self.q(z) for z in zs]
-
-
 def raft_loss(model, target, x1, x2, loss_cfg):
     """One forward (Alg. 1 lines 4-8) on two views: the loss of ``loss.objective`` (Eq. 4 / 10 / 11) and, for
     the logs, the plain Eq. 2 and Eq. 6 terms and L_uniform(f) (Tab. 1; the tangential surrogate has another
@@ -219,8 +205,8 @@ def train(cfg):
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q and the mean teacher (f, g): a copy, or an independent draw (model.same_init)
-    online = run.to_device(Online(cfg.model))
-    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model))
+    online = run.to_device(Online(cfg.model, predictor(cfg.model)))  # f, g (App. B: 512-BN-ReLU-128), q_w
+    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model, predictor(cfg.model)))
     target = nn.Sequential(mt.f, mt.g)
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim)  # App. B: Adam 3e-4, no scaling
@@ -237,16 +223,12 @@ def train(cfg):
             loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
             run.backward(loss)  # Alg. 1 line 10
         tab1.add(logs)
-        if not last_micro:
-            continue
-        lr = peak_lr if cfg.optim.schedule == "constant" else lr_at(run.step, run.total_steps, run.warmup_steps,
-                                                                      peak_lr)
-        set_lr(opt, lr)
-        run.optimizer_step(opt, online)  # Alg. 1 line 11
-        tau = tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule)
-        ema.update(tau)  # the mean teacher (Alg. 1 line 12)
-        run.step_done(loss, {"loss_align": logs["loss_align"], "loss_cross": logs["loss_cross"], "lr": lr,
-                             "tau": tau})
+        if last_micro:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
+            constant = cfg.optim.schedule == "constant"
+            lr = run.optimizer_step(opt, online, peak_lr if constant else lr_at(run.step, run.total_steps,
+                                                                                run.warmup_steps, peak_lr))
+            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+            run.step_done(loss, {k: logs[k] for k in ("loss_align", "loss_cross")}, lr=lr, tau=tau)
     run.finish({"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
                 "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
                 "seed": cfg.seed, **tab1.last10()})

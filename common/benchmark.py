@@ -3,6 +3,7 @@
     python -m common.benchmark                                   # ~8 min on 2 CPU cores (--width 16: ~2)
     python -m common.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
     python -m common.benchmark --set precision=bf16 channels_last=true compile=true       # options on
+    python -m common.benchmark --mhe [--arch resnet50 --batch 64]                          # (d) only
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
     ``augment.path: batched``) vs the per-image torchvision v2 pipeline (``cpu_view``, one
@@ -27,6 +28,13 @@
     (``augment.path: cpu``, ``data.workers: 2``); the loader is wrapped (``_TimedLoader``) to
     time the last of two epochs from its first request to its exhaustion.
 
+(d) ``--mhe``: what BYOL-MHE's energy (Eq. 10) adds to a training step, alone: one optimizer step of
+    ``byol_mhe_loss`` (the script's step function: online f, g, q on two views, the target's forward,
+    the loss) with and without the MHE term, plus its backward, LARS and the EMA update, on views made
+    beforehand; then the energy term alone (fwd+bwd), in all and per layer. The heads have the paper's
+    sizes (4096 hidden, 256 out: the projector's first layer is 4096 x 512 for ResNet-18, 4096 x 2048 for
+    ResNet-50); ``--arch``, ``--parts``, ``--power`` choose the setting; times are medians, interleaved.
+
 Each ratio is the slow time over the fast one (or full over bare); (a) and (c) times are medians
 of ``--repeats``, (b)'s the fastest of ``--repeats`` iterations after ``--warmup`` (noise on a
 shared machine only adds time, so the minimum is the stable estimate of a fixed amount of work). On a GPU the lines also give images/s and the full
@@ -49,7 +57,9 @@ import torch
 from common import data, dist, loaders
 from common.augment import ViewMaker, cpu_view, view_specs
 from common.config import BASE, Cfg, parse
+from common.ema import EMA
 from common.models import maybe_compile, resnet
+from common.optim import build, param_groups
 
 SCRIPTS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 
@@ -213,6 +223,48 @@ def bench_epoch(args, workers=2):
     return on_device, loader
 
 
+# ---------------------------------------------------------------------------- (d)
+def bench_mhe(args):
+    """Median times of a BYOL step without / with the MHE term (``byol_mhe_loss``), of the term alone and of
+    each layer's energy, and the with/without ratio (see (d))."""
+    import byol_mhe as bm
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = parse(["--set", f"model.arch={args.arch}", f"model.width={args.width}", f"mhe.power={args.power}",
+                 f"mhe.layers=[{','.join(args.parts)}]"], bm.DEFAULTS, method="byol_mhe")
+    cfg = bm.check_mhe(cfg)
+    online = bm.Online(cfg.model).to(dev)
+    target = deepcopy(torch.nn.Sequential(online.f, online.g))
+    ema = EMA(target, torch.nn.Sequential(online.f, online.g))
+    opt = build(cfg.optim, param_groups([online], 1e-6), 0.1)
+    layers = bm.mhe_layers(online, cfg.mhe.layers)
+    x1, x2 = (torch.randn(args.batch, 3, args.size, args.size, device=dev) for _ in range(2))
+
+    def step(weight):
+        loss, _ = bm.byol_mhe_loss(online, target, x1, x2, layers, Cfg({**cfg.mhe, "weight": weight}))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(0.99)
+
+    def mhe_only(modules):
+        bm.mhe_loss(modules, cfg.mhe.power).backward()
+        opt.zero_grad(set_to_none=True)
+
+    runs = {"byol": lambda: step(0.0), "+mhe": lambda: step(cfg.mhe.weight), "mhe": lambda: mhe_only(layers)}
+    runs.update({f"mhe {k} {tuple(m.weight.shape)}": (lambda m=m: mhe_only({"l": m})) for k, m in layers.items()})
+    times = {k: [] for k in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for k, fn in runs.items():
+            times[k].append(timeit(fn, dev, 1, 0))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["ratio"] = out["+mhe"] / out["byol"]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32, help="image size (synthetic data and views)")
@@ -226,11 +278,22 @@ def main(argv=None):
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                     help="config overrides for (b) and (c), e.g. precision=bf16 channels_last=true compile=true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mhe", action="store_true", help="(d) only: BYOL-MHE's energy term in a training step")
+    ap.add_argument("--arch", default="resnet18", help="(d): the encoder")
+    ap.add_argument("--parts", nargs="+", default=["projector", "predictor"], help="(d): mhe.layers")
+    ap.add_argument("--power", default="a2", help="(d): mhe.power")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     if not gpu:  # the allocator of the scripts' CPU runs (dist.launch), which (b) and (c) run in this process
         dist.keep_freed_memory()
+    if args.mhe:
+        res = bench_mhe(args)
+        print(f"(d) {args.arch} width {args.width}, batch {args.batch} at {args.size}x{args.size}, MHE {args.power} "
+              f"on {' + '.join(args.parts)}, {dev}, median of {args.repeats}", flush=True)
+        for k, v in res.items():
+            print(f"    {k:32s} {v:.3f}" + ("" if k == "ratio" else " s"), flush=True)
+        return
     images, _ = data.make_synthetic(args.batch, args.size, 10, seed=0)
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if gpu else f'{torch.get_num_threads()} threads'}), "
           f"images {args.size}x{args.size}, batch {args.batch}, ResNet width {args.width}, median of "

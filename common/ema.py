@@ -42,6 +42,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, tau):
+        """ξ <- τξ + (1-τ)θ (one fused lerp over all parameters); buffers (BN statistics) are copied. Returns τ."""
         torch._foreach_lerp_(self.t_params, self.o_params, 1.0 - tau)
         if self.t_bufs:
             torch._foreach_copy_(self.t_bufs, self.o_bufs)
+        return tau

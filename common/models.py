@@ -12,6 +12,8 @@ groups or fewer), ``ln`` (GroupNorm with one group = LayerNorm over C,H,W) or
 ``mlp(in, hidden, out, layers, norm, last_norm)`` is the projector/predictor:
 Linear-Norm-ReLU blocks then a Linear (BYOL: Linear-BN-ReLU-Linear).
 
+``Online(m, q)`` is BYOL's online network f, g, q (byol_uniform, byol_mhe, raft with its own q).
+
 ``maybe_compile(module, cfg)`` applies ``torch.compile`` when the config says ``compile: true``.
 """
 from functools import partial
@@ -93,6 +95,24 @@ def mlp(in_dim, hidden, out, layers=2, norm="bn", last_norm=False):
     if last_norm:
         mods.append(nn.BatchNorm1d(out, affine=False) if norm == "bn" else norm1d(norm, out))
     return nn.Sequential(*mods)
+
+
+class Online(nn.Module):
+    """BYOL's online network (Grill et al. §3.1): encoder f (``resnet`` of ``m``), projector g (Linear-BN-ReLU-
+    Linear, ``m.proj_hidden`` -> ``m.proj_dim``) and predictor q (the same shape, or the module given).
+    ``forward(views)`` -> ``([z per view], [q(z) per view])``, each view its own forward (per-view BN statistics).
+    ``m.norm: none`` (no-BN ablations) takes BN out of the heads too."""
+
+    def __init__(self, m, q=None):
+        super().__init__()
+        norm = "none" if m.norm == "none" else "bn"
+        self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
+        self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm=norm)
+        self.q = q if q is not None else mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=norm)
+
+    def forward(self, views):
+        zs = [self.g(self.f(x)) for x in views]
+        return zs, [self.q(z) for z in zs]
 
 
 def maybe_compile(module, cfg):

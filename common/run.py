@@ -43,6 +43,7 @@ from common import checkpoint, data, dist, loaders, log
 from common.augment import MultiViewDataset, ViewMaker
 from common.config import UserError
 from common.evaluate import final_linear_eval, monitor
+from common.optim import set_lr
 
 EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=auto continues
 ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
@@ -180,20 +181,24 @@ class Run:
         """Gradients of ``loss / accum_steps``, summed over the group (scaled by the GradScaler under fp16)."""
         self.scaler.scale(loss / self.accum).backward()
 
-    def optimizer_step(self, optimizer, model):
-        """Clip (``optim.clip_grad``), step (through the GradScaler: skipped on inf gradients under fp16), zero."""
+    def optimizer_step(self, optimizer, model, lr=None):
+        """Set ``lr`` (if given; returns it), clip (``optim.clip_grad``), step (through the GradScaler: skipped
+        on inf gradients under fp16), zero the gradients."""
+        if lr is not None:
+            set_lr(optimizer, lr)
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return lr
 
-    def step_done(self, loss, logs=None):
+    def step_done(self, loss, logs=None, **scalars):
         """Count the optimizer step; every ``log.every`` steps log the mean over ranks of ``loss`` and ``logs``
-        (tensors or numbers) and check that they are finite; write ``last.pt`` every
+        (tensors) with ``scalars`` (lr, tau) and check that they are finite; write ``last.pt`` every
         ``checkpoint.every_steps``; stop here on a signal or at ``checkpoint.stop_after_step``."""
-        c, cfg, logs = self.c, self.cfg, logs or {}
+        c, cfg, logs = self.c, self.cfg, {**(logs or {}), **scalars}
         c["step"] += 1
         self._ok &= torch.isfinite(loss.detach()).all()
         if c["step"] % cfg.log.every == 0 or c["step"] == self.total_steps:

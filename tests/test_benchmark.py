@@ -32,3 +32,25 @@ def test_benchmark_prints_positive_ratios(capsys):
         if line.startswith("("):
             numbers = [float(x.replace(",", "")) for x in re.findall(r"([0-9][0-9,]*\.?[0-9]*) (?:ms|s|img/s)\b", line)]
             assert len(numbers) == 2 and all(x > 0 for x in numbers), line
+
+
+def test_mhe_cost_times_the_scripts_step_with_and_without_the_energy(capsys):
+    """(d): the step is byol_mhe_loss itself; with MHE the regularised layers get another gradient."""
+    import byol_mhe as bm
+    from common.config import Cfg, parse
+    cfg = bm.check_mhe(parse(["--set", "model.width=8", "model.proj_hidden=64", "model.proj_dim=16",
+                              "model.pred_hidden=64", "mhe.layers=[projector]"], bm.DEFAULTS, method="byol_mhe"))
+    torch.manual_seed(0)
+    online = bm.Online(cfg.model)
+    target = torch.nn.Sequential(online.f, online.g)
+    layers = bm.mhe_layers(online, ["projector"])
+    x = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    w = layers["projector.0"].weight
+    g0 = torch.autograd.grad(bm.byol_mhe_loss(online, target, *x, layers, Cfg({**cfg.mhe, "weight": 0.0}))[0], w)[0]
+    g1 = torch.autograd.grad(bm.byol_mhe_loss(online, target, *x, layers, cfg.mhe)[0], w)[0]
+    assert not torch.allclose(g0, g1)
+    benchmark.main(["--mhe", "--device", "cpu", "--size", "16", "--batch", "8", "--width", "8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    times = dict(re.findall(r"^    (.+?)\s+([0-9.]+)(?: s)?$", out, re.M))
+    assert {"byol", "+mhe", "mhe", "ratio", "mhe projector.0 (4096, 64)", "mhe predictor.0 (4096, 256)"} <= set(times), out
+    assert all(float(v) > 0 for v in times.values()), out

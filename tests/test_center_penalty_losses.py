@@ -2,16 +2,13 @@
 the penalty's gradient; ||s|| over the global batch under 2-process Gloo DDP; the predictor's lr."""
 import copy
 import math
-import os
-import socket
 
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 import center_penalty as cp
 from common import dist as cd
 from common.config import BASE, Cfg, merge
+from gloo import on_processes
 
 
 def unit(v):
@@ -164,36 +161,21 @@ def _loss(net, x):
     return cp.simple_loss(cp.invariance_loss(z), s), s
 
 
-def _worker(rank, world, port, x, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        n = len(x) // world
-        net = torch.nn.parallel.DistributedDataParallel(_net())
-        loss, s = _loss(net, x[rank * n:(rank + 1) * n])
-        loss.backward()
-        torch.save({"s": s.detach(), "loss": cd.all_reduce_mean(loss), "grads": [q.grad for q in net.parameters()]},
-                   out / f"r{rank}.pt")
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where Gloo now and then aborts a finished process (SIGABRT)
+def _rank_step(rank, world, x):
+    n = len(x) // world
+    net = torch.nn.parallel.DistributedDataParallel(_net())
+    loss, s = _loss(net, x[rank * n:(rank + 1) * n])
+    loss.backward()
+    return {"s": s.detach(), "loss": cd.all_reduce_mean(loss), "grads": [q.grad for q in net.parameters()]}
 
 
-def _port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_s_under_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
+def test_s_under_two_process_ddp_equals_one_process_on_the_global_batch():
     x = torch.randn(12, 2, 3) + 0.5
-    mp.spawn(_worker, args=(2, _port(), x, tmp_path), nprocs=2)
+    ranks = on_processes(_rank_step, x)
     ref_net = _net()
     ref_loss, ref_s = _loss(ref_net, x)
     ref_loss.backward()
-    for r in (0, 1):
-        got = torch.load(tmp_path / f"r{r}.pt", weights_only=True)
+    for got in ranks:
         torch.testing.assert_close(got["s"], ref_s.detach(), rtol=1e-6, atol=1e-7)  # every rank: the global s
         assert abs(got["loss"].item() - ref_loss.item()) < 1e-6
         for g, q in zip(got["grads"], ref_net.parameters()):

@@ -1,7 +1,6 @@
 """common.dist on 2 CPU processes (Gloo): differentiable gather/reduce, Gloo SyncBN, sampler split."""
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from common import dist as cd
 from common.evaluate import uniformity
+from gloo import on_processes
 
 
 def _net():
@@ -25,38 +24,19 @@ def _loss(model, x, gather):
     return (z ** 2).mean() + uniformity(gather(z))  # a local term + a term over the global batch
 
 
-def _step(rank, world, x, out):
+def _step(rank, world, x):
     n = len(x) // world
     model = torch.nn.parallel.DistributedDataParallel(cd.convert_sync_bn(_net(), on_cuda=False))
     loss = _loss(model, x[rank * n:(rank + 1) * n], cd.all_gather_grad)
     loss.backward()
     mean_loss = cd.all_reduce_mean(loss)  # what the scripts log
-    if rank == 0:
-        torch.save({"loss": mean_loss, "grads": [p.grad for p in model.parameters()],
-                    "running_mean": model.module[1].running_mean}, out)
+    return {"loss": mean_loss, "grads": [p.grad for p in model.parameters()],
+            "running_mean": model.module[1].running_mean}
 
 
-def _worker(rank, world, port, x, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _step(rank, world, x, out)  # the DDP model is freed on return, as in the scripts (train() returns first)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where Gloo now and then aborts a finished process (SIGABRT)
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gloo_syncbn_and_global_batch_loss_equal_one_process(tmp_path):
+def test_ddp_gloo_syncbn_and_global_batch_loss_equal_one_process():
     x = torch.randn(16, 4)
-    mp.spawn(_worker, args=(2, _port(), x, tmp_path / "r0.pt"), nprocs=2)
-    got = torch.load(tmp_path / "r0.pt", weights_only=True)
+    got = on_processes(_step, x)[0]
     ref = _net()
     loss = _loss(ref, x, lambda z: z)
     loss.backward()

@@ -1,17 +1,13 @@
 """common.evaluate on 2 CPU processes (Gloo) against 1 process: sharded feature extraction, split kNN scoring,
 fast and paper linear probes (every rank calls them and gets the same dict)."""
-import os
-
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from common import evaluate as ev
 from common import loaders
 from common.config import parse
 from common.models import resnet
-from test_dist import _port
+from gloo import on_processes
 
 # uneven sets: train 250 = eval batches 64, 64, 64, 58 (rank 0: 0 and 2, rank 1: 1 and 3); test 100 = 64, 36;
 # the kNN monitor's single query chunk and the paper probe's feature-width batch leave rank 1 without one
@@ -61,30 +57,22 @@ def _views():
     return torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        v1, v2 = _views()
-        n = len(v1) // world
-        torch.save(_evaluate((v1[rank * n:(rank + 1) * n], v2[rank * n:(rank + 1) * n])), out_dir / f"r{rank}.pt")
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where Gloo now and then aborts a finished process (SIGABRT)
+def _rank_evaluate(rank, world):
+    v1, v2 = _views()
+    n = len(v1) // world
+    return _evaluate((v1[rank * n:(rank + 1) * n], v2[rank * n:(rank + 1) * n]))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """(one process, [rank 0, rank 1] of two processes)."""
-    d = tmp_path_factory.mktemp("evaldist")
-    mp.spawn(_worker, args=(2, _port(), d), nprocs=2)
+    ranks = on_processes(_rank_evaluate)
     threads = torch.get_num_threads()
     try:
         one = _evaluate(_views())
     finally:
         torch.set_num_threads(threads)
-    return one, [torch.load(d / f"r{r}.pt", weights_only=True) for r in range(2)]
+    return one, ranks
 
 
 def test_every_rank_returns_the_same_numbers(results):

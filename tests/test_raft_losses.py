@@ -10,6 +10,11 @@ import raft
 from common.config import BASE, Cfg, merge
 
 
+
+def net(m):
+    """raft.py's online network: BYOL's f, g with the q_w of ``model.predictor``."""
+    return raft.Online(m, raft.predictor(m))
+
 def unit_ref(v):
     n = math.sqrt(sum(float(a) ** 2 for a in v))
     return [float(a) / n for a in v]
@@ -111,7 +116,7 @@ def model_cfg(predictor="mlp", **kw):
 @pytest.mark.parametrize("objective", ["byol", "byol_prime", "raft"])
 def test_gradient_flow_target_gets_none_online_gets_all(predictor, objective):
     torch.manual_seed(0)
-    online = raft.Online(model_cfg(predictor))
+    online = net(model_cfg(predictor))
     target = copy.deepcopy(torch.nn.Sequential(online.f, online.g))
     x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     _, (p1, p2) = online([x1, x2])
@@ -122,20 +127,20 @@ def test_gradient_flow_target_gets_none_online_gets_all(predictor, objective):
 
 
 def test_predictor_variants():
-    assert isinstance(raft.Online(model_cfg("none")).q, torch.nn.Identity)  # q_w = I (-NP)
-    lpi = raft.Online(model_cfg("linear_identity_init")).q
+    assert isinstance(net(model_cfg("none")).q, torch.nn.Identity)  # q_w = I (-NP)
+    lpi = net(model_cfg("linear_identity_init")).q
     assert lpi.bias is None and torch.equal(lpi.weight, torch.eye(8))  # -LPI starts at W = I
-    lp = raft.Online(model_cfg("linear")).q
+    lp = net(model_cfg("linear")).q
     assert lp.bias is None and not torch.allclose(lp.weight, torch.eye(8))  # -LP: random W, q_w(·) = W(·)
-    mlpp = raft.Online(model_cfg("mlp")).q
+    mlpp = net(model_cfg("mlp")).q
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in mlpp.modules())  # App. B: no BN in q_w
     assert [m.out_features for m in mlpp if isinstance(m, torch.nn.Linear)] == [16, 8]
-    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in raft.Online(model_cfg("mlp", pred_norm="bn")).q.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net(model_cfg("mlp", pred_norm="bn")).q.modules())
 
 
 def test_no_predictor_alignment_reaches_encoder_through_both_views():
     torch.manual_seed(1)
-    online = raft.Online(model_cfg("none"))
+    online = net(model_cfg("none"))
     x1 = torch.randn(6, 3, 8, 8, requires_grad=True)
     x2 = torch.randn(6, 3, 8, 8, requires_grad=True)
     (z1, z2), (p1, p2) = online([x1, x2])
@@ -165,7 +170,7 @@ def test_cross_model_uses_same_view_byol_the_other_view():
 def _steps(objective, w_sign, tangential, state, x, steps, opt_name):
     """Run ``steps`` optimizer + EMA steps from ``state`` with q_w = w_sign·W; returns (online, W)."""
     torch.manual_seed(0)
-    online = raft.Online(model_cfg("linear")).double()
+    online = net(model_cfg("linear")).double()
     online.load_state_dict(state)
     with torch.no_grad():
         online.q.weight.mul_(w_sign)
@@ -193,7 +198,7 @@ def test_theorem_5_1_byol_prime_from_W_equals_raft_from_minus_W(tangential, opt_
     Float64; absolute tolerance on every parameter 1e-10 after SGD, 1e-9 after Adam (Adam divides the
     round-off-level gradient of the projector's bias before BN, zero in exact arithmetic, by eps = 1e-8)."""
     torch.manual_seed(2)
-    state = raft.Online(model_cfg("linear")).double().state_dict()
+    state = net(model_cfg("linear")).double().state_dict()
     x = [(torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64))
          for _ in range(steps)]
     prime = _steps("byol_prime", +1, tangential, state, x, steps, opt_name)
