@@ -140,6 +140,20 @@ def hyperspherical_energy(weight, power="a2", block=2 ** 20):
         return (energy + link - link.detach()) / (n * (n - 1))  # Σ_{i≠j} / (N(N-1))  (Eq. 10)
 
 
+def hyperspherical_energy_literal(weight, power="a2"):
+    """(BYOL-MHE, Eq. 8 / Eq. 11) E_s / (N(N-1)) as written, all N x N pairs at once, gradient by autograd, with
+    the numerics above (the clamp at the float32 bounds the fast code applies). Slow; the tests compare
+    ``hyperspherical_energy`` with it."""
+    w, s = neurons(weight), int(power[-1])
+    lo, hi = torch.tensor([-1 + COS_EPS, 1 - COS_EPS]).tolist()  # as float32 stores them
+    w_hat = w / torch.sqrt((w * w).sum(1, keepdim=True) + NORM_EPS)
+    cos = (w_hat @ w_hat.T).clamp(lo, hi)
+    d = torch.arccos(cos) + THETA_EPS if power.startswith("a") else torch.sqrt(2 - 2 * cos)  # θ_ij | ||ŵ_i - ŵ_j||
+    r = torch.log(1 / d) if s == 0 else d.pow(-s)
+    n = w.shape[0]
+    return (r * (1 - torch.eye(n, dtype=w.dtype, device=w.device))).sum() / (n * (n - 1))  # Σ_{i≠j}
+
+
 def mhe_layers(online, parts):
     """The layers j of Eq. 10: every Conv2d / Linear of the chosen online sub-networks, by name."""
     nets = {"encoder": online.f, "projector": online.g, "predictor": online.q}

@@ -145,6 +145,14 @@ def correlation_term(p, W_p, k, wtw_sq=None):
     return k * wtw_sq - 2 * cross + gram
 
 
+def correlation_term_literal(p, W_p, k):
+    """(Decorr, Eq. 19) the correlation term as written, with its d x d matrices: Σ_i ||W_pᵀW_p - C_i||_F²,
+    C_i = (1/n') Σ_{j in partition i} p_j p_jᵀ. Slow; the tests compare ``correlation_term`` with it."""
+    m, d = p.shape
+    M = W_p.T @ W_p
+    return sum(((M - P.T @ P / (m // k)) ** 2).sum() for P in p.reshape(m // k, k, d).transpose(0, 1))
+
+
 def direction_loss(fa, fb, W_p, b, k, stopgrad=False, wtw_sq=None):
     """(Decorr, Eq. 19) one direction F^a -> F^b on this process's rows f̄ [m, d]: this process's shares of
     ||W_p F^a - F^b||_F² and of Σ_i ||W_pᵀW_p - W_p(F^a_i F^a_iᵀ)W_pᵀ||_F² (one process: the terms).

@@ -193,15 +193,15 @@ class OpLog(TorchFunctionMode):
 
 
 def energy_autograd64(w, power):
-    """E_s/(N(N-1)) in float64 as one N x N expression with autograd (the numerics of SPEC §4.2; the clamp
-    bounds rounded to float32, as the float32 code applies them), for reference gradients."""
-    n, s = w.shape[0], int(power[-1])
-    lo, hi = torch.tensor([-1 + 1e-6, 1 - 1e-6]).double().tolist()
-    hat = w / torch.sqrt((w * w).sum(1, keepdim=True) + 1e-4)
-    cos = (hat @ hat.T).clamp(lo, hi)
-    d = torch.arccos(cos) + 1e-4 if power.startswith("a") else torch.sqrt(2 - 2 * cos)
-    r = -torch.log(d) if s == 0 else d.pow(-s)
-    return (r * (1 - torch.eye(n, dtype=w.dtype))).sum() / (n * (n - 1))
+    """E_s/(N(N-1)) in float64 as one N x N expression with autograd: the script's literal form of Eq. 8 / 11."""
+    return bm.hyperspherical_energy_literal(w, power)
+
+
+@pytest.mark.parametrize("power", POWERS)
+def test_literal_energy_is_the_double_loop(power):
+    """The script's literal N x N form equals the float64 double loop written here from the equations."""
+    w = torch.randn(9, 5, dtype=torch.float64) * torch.empty(9, 1, dtype=torch.float64).uniform_(0.5, 3)
+    assert bm.hyperspherical_energy_literal(w, power).item() == pytest.approx(energy_ref(w, power), rel=1e-9)
 
 
 @pytest.mark.parametrize("power", POWERS)

@@ -96,7 +96,8 @@ def test_loss_matches_float64_eq19_both_directions(k):
 @pytest.mark.parametrize("n,d,k", [(24, 16, 3), (24, 4, 2), (32, 8, 4)])  # n' = 8 < d: expanded; n' >= d: direct
 def test_correlation_term_value_and_gradients_match_float64_literal(n, d, k):
     """Σ_i ||W_pᵀW_p - (1/n') Σ_{j ≡ i mod k} p_j p_jᵀ||_F², written with d x d matrices and loops in float64,
-    against correlation_term on both of its paths (expanded square, direct difference): value and gradients."""
+    against correlation_term on both of its paths (expanded square, direct difference) and against the script's
+    literal form (correlation_term_literal): value and gradients."""
     p = (torch.randn(n, d) * (0.5 + torch.rand(d))).requires_grad_()
     W = (torch.randn(d, d) / math.sqrt(d)).requires_grad_()
     got = dn.correlation_term(p, W, k)
@@ -108,6 +109,11 @@ def test_correlation_term_value_and_gradients_match_float64_literal(n, d, k):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(p.grad.double(), pd.grad, rtol=1e-4, atol=1e-4 * pd.grad.abs().max().item())
     torch.testing.assert_close(W.grad.double(), Wd.grad, rtol=1e-4, atol=1e-4 * Wd.grad.abs().max().item())
+    pl, Wl = p.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    lit = dn.correlation_term_literal(pl, Wl, k)  # the script's slow form of Eq. 19 is the same function
+    lit.backward()
+    torch.testing.assert_close(lit, ref, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close((pl.grad, Wl.grad), (pd.grad, Wd.grad), rtol=1e-10, atol=1e-10)
     # the shared ||W_pᵀW_p||² (decorr_loss computes it once per step) gives the same value
     torch.testing.assert_close(dn.correlation_term(p, W, k, (W.T @ W).pow(2).sum()), got)
 
