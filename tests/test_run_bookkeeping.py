@@ -246,3 +246,22 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+# ------------------------------------------------------------------------------------------ copying a script
+def test_a_script_copied_with_common_into_an_empty_folder_runs_there(tmp_path):
+    """The README's promise: one script + common/ + its config, copied into another project, run as is."""
+    import shutil
+    dest = tmp_path / "my_project"
+    dest.mkdir()
+    shutil.copy(ROOT / "msbreg.py", dest)
+    shutil.copytree(ROOT / "common", dest / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "configs" / "quickstart" / "msbreg.yaml", dest / "msbreg.yaml")
+    cmd = [sys.executable, "msbreg.py", "--config", "msbreg.yaml", "--set", "out_dir=runs", *TINY, "loss.K=2",
+           "eval.knn_k=[20]", "eval.knn_majority_k=[5]"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                       env={**env, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads((dest / "runs" / "msbreg" / "msbreg" / "summary.json").read_text())
+    assert s["steps"] == 4 and "knn20" in s and "knn5_majority" in s
