@@ -135,6 +135,10 @@ def eval_loaders(cfg):
     out = {split: _eval_loader(load(d, split, tf if files[split] else None), None if files[split] else tf,
                                e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
+    bank = len(out["train"].dataset)
+    if out["num_classes"] and max(e.knn_k) > bank:  # (0 classes: an unlabelled folder, no kNN)
+        raise UserError(f"eval.knn_k={e.knn_k} asks for more neighbours than the {bank} images of the kNN memory "
+                        "bank (the labelled training set): lower eval.knn_k")
     if e.linear == "paper":
         world = dist.world_size()
         if e.linear_batch_size % world:

@@ -90,11 +90,7 @@ class Run:
                             f"the {len(self._ssl)} training images: lower optim.batch_size")
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.optim.warmup_epochs * self.steps_per_epoch
-        self.eval_sets = loaders.eval_loaders(cfg)
-        bank = len(self.eval_sets["train"].dataset)
-        if self.eval_sets["num_classes"] and max(cfg.eval.knn_k) > bank:  # (0 classes: unlabelled, no kNN)
-            raise UserError(f"eval.knn_k={cfg.eval.knn_k} asks for more neighbours than the {bank} images of the "
-                            "kNN memory bank (the labelled training set): lower eval.knn_k")
+        self.eval_sets = loaders.eval_loaders(cfg)  # (checks eval.knn_k against the memory bank's size)
         self._local_batch = cfg.optim.batch_size // dist.world_size()
         return self._loader
 

@@ -59,7 +59,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none"]
-    S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
+    S.assert_resume_exact(tmp_path, *more, parts=("online", "target"), cuts=(3,))  # mid-epoch 0 (4 steps/epoch)
 
 
 def test_bad_mhe_settings_stop_with_one_clear_line(tmp_path):
@@ -69,16 +69,6 @@ def test_bad_mhe_settings_stop_with_one_clear_line(tmp_path):
     assert "mhe.layers" in line and "encoder, projector, predictor" in line
     line = one_clear_line(run(tmp_path, "mhe.wieght=1", check=False))
     assert "mhe.wieght" in line and "Did you mean 'mhe.weight'" in line
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    run(tmp_path, name="n")
-    ck = tmp_path / "byol_mhe" / "n" / "checkpoints" / "last.pt"
-    good = ck.read_bytes()
-    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", "resume_allow_changes=true",
-                              name="n", check=False))
-    assert "diverged" in line and "last good checkpoint" in line
-    assert ck.read_bytes() == good
 
 
 # ---------------------------------------------------------------------------------------- paper configs

@@ -37,7 +37,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     S.assert_two_processes_equal_one(tmp_path, *common, param_atol=1e-4)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_exact_resume_equals_uninterrupted_run(tmp_path, nproc):
     """Bit-exact, also with 2 processes, where only rank 0 writes the checkpoint (augmentations included)."""
     more = ["optim.epochs=2", "eval.linear=none", f"dist.nproc={nproc}"]

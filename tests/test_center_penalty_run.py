@@ -57,7 +57,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
 
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none", "loss.variant=simsiam"]
-    a, b = S.assert_resume_exact(tmp_path, *more)  # stopped mid-epoch 0 (4 steps/epoch)
+    a, b = S.assert_resume_exact(tmp_path, *more, cuts=(3,))  # stopped mid-epoch 0 (4 steps/epoch)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
@@ -77,16 +77,6 @@ def test_bad_inputs_stop_with_one_clear_line(tmp_path):
     assert len(kept) == 1 and kept[0].read_text() == before and f"moved to {kept[0]}" in p.stdout
     line = one_clear_line(run(tmp_path, "optim.batch_size=512", name="big", check=False))
     assert "lower optim.batch_size" in line
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    run(tmp_path, name="n")  # one good epoch, checkpoint written
-    ck = folder(tmp_path, "n") / "checkpoints" / "last.pt"
-    good = ck.read_bytes()
-    line = one_clear_line(run(tmp_path, "resume=auto", "optim.epochs=3", "optim.lr=1e30", "resume_allow_changes=true",
-                              name="n", check=False))
-    assert "diverged" in line and "last good checkpoint" in line
-    assert ck.read_bytes() == good
 
 
 # ----------------------------------------------------------------------------- slow: learning and collapse

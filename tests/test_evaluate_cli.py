@@ -12,7 +12,7 @@ from common.evaluate_cli import main
 from scriptrun import ROOT, one_clear_line
 from test_byol_uniform_run import S  # the tiny byol_uniform run of its own tests
 
-SAME = ("knn200", "uniformity", "center_norm", "feature_std", "linear_top1", "linear_top5", "linear_protocol")
+SAME = ("knn20", "uniformity", "center_norm", "feature_std", "linear_top1", "linear_top5", "linear_protocol")
 
 
 def evaluate(*args, check=True):
@@ -46,11 +46,11 @@ def test_reproduces_the_runs_summary(runs, nproc):
     summary, got = S.summary(runs, "fast"), _eval_json(d)
     assert {k: got[k] for k in SAME} == {k: summary[k] for k in SAME}
     assert got["linear_protocol"] == "fast (offline)" and got["processes"] == nproc
-    assert (got["step"], got["epoch"], got["knn_k"], got["knn_t"], got["linear"]) == (summary["steps"], 1, 200,
+    assert (got["step"], got["epoch"], got["knn_k"], got["knn_t"], got["linear"]) == (summary["steps"], 1, 20,
                                                                                        0.1, "fast")
     assert got["checkpoint"] == str((d / "checkpoints" / "last.pt").resolve())
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1 and f"knn200 {summary['knn200']:.2f}" in lines[0] and "eval.json" in lines[0], p.stdout
+    assert len(lines) == 1 and f"knn20 {summary['knn20']:.2f}" in lines[0] and "eval.json" in lines[0], p.stdout
     print(lines[0])
 
 
@@ -60,10 +60,10 @@ def test_paper_probe_reproduced_and_overrides(runs):
     summary, got = S.summary(runs, "paper"), _eval_json(d)
     assert {k: got[k] for k in SAME} == {k: summary[k] for k in SAME}
     assert got["linear_protocol"] == "paper (offline)"
-    p = evaluate(d, "--set", "eval.linear=fast", "eval.knn_k=[20,200]", "eval.knn_t=0.2")
+    p = evaluate(d, "--set", "eval.linear=fast", "eval.knn_k=[5,20]", "eval.knn_t=0.2")
     got = _eval_json(d)
     assert got["linear_protocol"] == "fast (offline)" and got["eval"]["knn_t"] == 0.2 and "knn20" in got
-    assert got["overrides"] == ["eval.linear=fast", "eval.knn_k=[20,200]", "eval.knn_t=0.2"]
+    assert got["overrides"] == ["eval.linear=fast", "eval.knn_k=[5,20]", "eval.knn_t=0.2"]
     assert "knn20" in p.stdout and "T=0.2" in p.stdout
 
 

@@ -19,7 +19,7 @@ TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.w
         "model.proj_dim=16", "model.pred_hidden=32", "optim.batch_size=32", "optim.epochs=1",
         "optim.warmup_epochs=0", "eval.linear=none", "log.every=1", "eval.knn_k=[20]", "log.progress=false"]
 S = Script("byol_uniform", TINY)
-LONG = ["optim.epochs=10", "eval.every=0"]  # 40 steps: time to send a signal mid-run
+LONG = ["optim.epochs=6", "eval.every=0"]  # 24 steps: time to send a signal mid-run
 
 
 def folder(tmp_path, name):
@@ -64,7 +64,8 @@ def assert_same_tensors(a, b, parts=("online", "target", "optimizer")):
 
 
 # ------------------------------------------------------------------------------------------ preemption
-@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM)])
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGTERM), pytest.param(1, signal.SIGINT, marks=pytest.mark.slow),
+                                        pytest.param(2, signal.SIGTERM, marks=pytest.mark.slow)])
 def test_signal_checkpoints_the_step_reached_and_resumes_exactly(tmp_path, nproc, sig):
     """SIGTERM / Ctrl-C (SIGINT): every rank finishes its step, last.pt is written at that step, one line, exit 3;
     resume=auto then ends equal to the uninterrupted run. With 2 processes the signal goes to the launcher."""
@@ -77,7 +78,7 @@ def test_signal_checkpoints_the_step_reached_and_resumes_exactly(tmp_path, nproc
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {'SIGTERM' if nproc > 1 else sig.name} after step"), err
     step = int(lines[0].split("after step ")[1].split(":")[0])
-    assert 3 <= step < 40 and S.checkpoint(tmp_path, "cut")["counters"]["step"] == step
+    assert 3 <= step < 24 and S.checkpoint(tmp_path, "cut")["counters"]["step"] == step
     S.run(tmp_path, *more, "resume=auto", name="cut")
     S.run(tmp_path, *more, name="full")
     assert_same_tensors(S.checkpoint(tmp_path, "full"), S.checkpoint(tmp_path, "cut"))
@@ -117,6 +118,7 @@ def test_a_diverged_run_never_writes_non_finite_weights_and_names_the_last_good_
     assert not (folder(tmp_path, "d0") / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_on_divergence_one_line_exit_2(tmp_path):
     S.run(tmp_path, "dist.nproc=2", name="d2")  # a good epoch: last.pt at step 4
     ck = folder(tmp_path, "d2") / "checkpoints" / "last.pt"
@@ -198,6 +200,7 @@ def _other_rank(tmp_path, name, proc):
     return [r for r in ranks if "spawn_main" in open(f"/proc/{r}/cmdline").read()][0]
 
 
+@pytest.mark.slow
 def test_a_dead_rank_is_named_by_the_launcher(tmp_path):
     p = start(tmp_path, *LONG, "dist.nproc=2", name="dead")
     wait_for_step(tmp_path, "dead", 2, p)
@@ -206,6 +209,7 @@ def test_a_dead_rank_is_named_by_the_launcher(tmp_path):
     assert p.returncode != 0 and "error: process 1 (rank 1) exited with code -9" in err, err
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_times_out_instead_of_hanging(tmp_path):
     p = start(tmp_path, *LONG, "dist.nproc=2", "dist.timeout_min=0.1", name="stall")
     wait_for_step(tmp_path, "stall", 2, p)
