@@ -23,6 +23,27 @@ def one_clear_line(p):
     return err[0]
 
 
+def config_error(method, *overrides, config=None):
+    """The one line (``error: ...``, exit 2) of a bad config, from the script's own ``parse`` in this process:
+    what ``python <method>.py --config ... --set <overrides>`` prints before importing any data or model."""
+    import importlib
+    from contextlib import redirect_stderr
+    from io import StringIO
+
+    from common.config import parse
+    mod, err = importlib.import_module(method), StringIO()
+    config = config or ROOT / "configs" / "quickstart" / f"{method}.yaml"
+    try:
+        with redirect_stderr(err):
+            parse(["--config", str(config), "--set", *overrides], mod.DEFAULTS, getattr(mod, "CHOICES", None), method)
+    except SystemExit as e:
+        assert e.code == 2
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+    raise AssertionError(f"{overrides} was accepted")
+
+
 class Script:
     """``python <method>.py --config <config> --set out_dir=... name=... <tiny> <overrides>`` and its outputs."""
 

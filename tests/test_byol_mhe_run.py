@@ -10,7 +10,7 @@ import pytest
 import byol_mhe as bm
 from common.config import parse
 
-from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "byol_mhe.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
@@ -50,6 +50,7 @@ def test_plain_byol_rows_log_no_mhe_and_accumulation_counts_steps(tmp_path):
     assert params(tmp_path, "byol")["counters"]["step"] == 2
 
 
+@pytest.mark.slow  # the DDP machinery is common (2 vs 1 in default runs: byol_uniform, msbreg, decorr)
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes: the MHE term (the same on every rank) plus DDP's
     gradient average equals the one-process gradient."""
@@ -63,11 +64,11 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bad_mhe_settings_stop_with_one_clear_line(tmp_path):
-    line = one_clear_line(run(tmp_path, "mhe.power=3", check=False))
+    line = one_clear_line(run(tmp_path, "mhe.power=3", check=False))  # checked in train() (check_mhe)
     assert "mhe.power" in line and "a0, a1, a2" in line
     line = one_clear_line(run(tmp_path, "mhe.layers=[projector,decoder]", check=False))
     assert "mhe.layers" in line and "encoder, projector, predictor" in line
-    line = one_clear_line(run(tmp_path, "mhe.wieght=1", check=False))
+    line = config_error("byol_mhe", "mhe.wieght=1")
     assert "mhe.wieght" in line and "Did you mean 'mhe.weight'" in line
 
 

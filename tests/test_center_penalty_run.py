@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "center_penalty.yaml"
 TOYS = ROOT / "configs" / "center_penalty"
@@ -49,6 +49,7 @@ def test_toy_runs_average_seeds_and_log_s_every_step(tmp_path):
     assert len([x for x in metrics(tmp_path, "b1") if "s_norm" in x]) == 2 * 20  # 100 points / 5 per batch
 
 
+@pytest.mark.slow  # the DDP machinery is common (2 vs 1 in default runs: byol_uniform, msbreg, decorr)
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes: Gloo SyncBN and s over the global batch."""
     common = [*FIXED_VIEWS, "checkpoint.stop_after_step=3", "optim.lr=0.05"]
@@ -62,19 +63,12 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = one_clear_line(run(tmp_path, "loss.variant=simsiam_no_ema", check=False))
+    line = config_error("center_penalty", "loss.variant=simsiam_no_ema")
     assert "loss.variant" in line and "simsiam_no_predictor" in line
-    line = one_clear_line(run(tmp_path, "toy.dataset=spirals", config=TOYS / "toy_blobs.yaml", tiny=False,
-                              check=False))
+    line = config_error("center_penalty", "toy.dataset=spirals", config=TOYS / "toy_blobs.yaml")
     assert "toy.dataset" in line and "app_b1" in line
     line = one_clear_line(run(tmp_path, "dist.nproc=2", config=TOYS / "toy_blobs.yaml", tiny=False, check=False))
     assert "dist.nproc=1" in line
-    toy = ["toy.seeds=[0]", "toy.n_per_class=20", "optim.batch_size=20", "optim.epochs=1"]
-    run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False)
-    before = (folder(tmp_path, "t") / "metrics.jsonl").read_text()
-    p = run(tmp_path, *toy, config=TOYS / "toy_blobs.yaml", name="t", tiny=False)  # a fresh run: the old one aside
-    kept = list(folder(tmp_path, "t").glob("metrics.*.jsonl"))
-    assert len(kept) == 1 and kept[0].read_text() == before and f"moved to {kept[0]}" in p.stdout
     line = one_clear_line(run(tmp_path, "optim.batch_size=512", name="big", check=False))
     assert "lower optim.batch_size" in line
 

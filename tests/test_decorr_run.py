@@ -8,7 +8,7 @@ import torch
 import decorr_nostopgrad as dn
 from common.config import parse
 
-from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "decorr_nostopgrad.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
@@ -53,9 +53,9 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = one_clear_line(run(tmp_path, "loss.c_invv=1", check=False))
+    line = config_error("decorr_nostopgrad", "loss.c_invv=1")
     assert "loss.c_invv" in line and "Did you mean 'loss.c_inv'" in line
-    line = one_clear_line(run(tmp_path, "loss.std_var=sample", check=False))
+    line = config_error("decorr_nostopgrad", "loss.std_var=sample")
     assert "loss.std_var" in line and "unbiased" in line
     line = one_clear_line(run(tmp_path, "loss.partitions=5", check=False))  # 32 images do not split into 5
     assert "loss.partitions=5" in line and "optim.batch_size=32" in line

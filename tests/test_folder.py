@@ -81,7 +81,7 @@ def test_unlabelled_trains_without_accuracies(tmp_path, capsys):
 
 def test_any_size_decoded_per_image_hybrid_and_cpu_paths(tmp_path):
     root = labelled(tmp_path, n=6, val=2, size=[(16, 20), (24, 18), (40, 33)])
-    c = cfg(root, "optim.batch_size=4")
+    c = cfg(root, "optim.batch_size=4", "eval.knn_k=[2]")
     ssl = data.load(c.data, "ssl")
     assert isinstance(ssl, data.FileImages) and data.decoded_per_image(c.data, "test")
     with pytest.raises(data.UserError, match=r"folder \(train/\) holds images of different sizes \(train/cat/00.png "

@@ -10,7 +10,7 @@ import yaml
 import msbreg as ms
 from common.config import parse
 
-from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
+from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "msbreg.yaml"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
@@ -59,7 +59,7 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
-    line = one_clear_line(run(tmp_path, "loss.K=1", check=False))
+    line = config_error("msbreg", "loss.K=1")
     assert "'loss.K' = 1 is out of range: allowed x >= 2" in line
     line = one_clear_line(run(tmp_path, "loss.K=4", "loss.centroid=false", check=False))
     assert "loss.centroid=false" in line
