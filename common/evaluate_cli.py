@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -32,17 +31,6 @@ from common import checkpoint, dist, loaders
 from common.config import BASE, CHOICES, UserError, merge, parse_overrides, resolve
 from common.evaluate import final_linear_eval, monitor
 from common.models import maybe_compile, resnet
-
-
-def checkpoint_path(path):
-    """A run folder means its ``checkpoints/last.pt``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if not p.is_file():
-        raise UserError(f"no checkpoint at {p.resolve()}: give a run folder (holding checkpoints/last.pt) or a "
-                        ".pt file")
-    return p
 
 
 def settings(state, overrides):
@@ -100,7 +88,7 @@ def main(argv=None):
                     help="overrides of the checkpoint's config, e.g. --set eval.linear=paper dist.nproc=2")
     args = ap.parse_args(argv)
     try:
-        path = checkpoint_path(args.path)
+        path = checkpoint.find(args.path)
         cfg = settings(checkpoint.load(path), args.set)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one line in all

@@ -93,12 +93,7 @@ def _projector(m, feat_dim):
 def export(ckpt, out, projector=None):
     """Write the online encoder of checkpoint (or run folder) ``ckpt`` to ``out`` (and g to ``projector``);
     returns the lines to print."""
-    ckpt = Path(ckpt)
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt.resolve()}: pass a checkpoint (.pt) or a run folder holding "
-                        "checkpoints/last.pt")
+    ckpt = checkpoint.find(ckpt)
     try:  # mmap: the optimizer state of a large run is not read into memory
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # any unpickling/zip/IO problem
