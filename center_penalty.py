@@ -36,7 +36,7 @@ Run:
     python center_penalty.py --config configs/center_penalty/toy_app_b1_minibatch_centred.yaml
     torchrun --nproc_per_node=4 center_penalty.py --config configs/center_penalty/imagenet100_simsiam.yaml
 
-Deviations and choices the paper leaves open are listed in the README section.
+Deviations and the choices the paper leaves open (toy and image set-ups): configs/center_penalty/README.md.
 """
 import statistics
 import sys

@@ -12,7 +12,7 @@ Paper: Moon, Buracas, Park, Kim, Canny, "An Embedding-Dynamic Approach to Self-s
     L_s = 1/K Σ_j ||S_j - I_d||_F²  (= 1/K Σ_j Σ_i (σ_ij - 1)², Eq. 7)                      (Eq. 6)
     L   = L_c + λ_s L_s + λ_b L_b,  λ_s = 0.004, λ_b = 0.5 (§4.5, Tab. 11)                   (Eq. 2)
 
-Choices where the paper leaves room (see README "msbreg" for the full list):
+Choices where the paper leaves room (the full list: configs/msbreg/README.md):
 - L_s on raw predictions p (Eq. 5 as written) by default; ``loss.s_normalized: true`` uses p̂ (the
   sentence before Eq. 5 speaks of "the projections p̂").
 - Brownian noise comes from its own seeded generator (saved in every checkpoint: exact resume). Every

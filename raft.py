@@ -45,7 +45,7 @@ Run:
 Deviations: L_BYOL is the mean of the two directions of Eq. 4, so on the scale of one direction, as is
 L_cross-model (mean over the two views); α and β weigh terms of that scale (the authors' code also
 divides by the dimension; Adam is nearly invariant to that scale). The linear predictor has no bias
-(Eq. q_w = W; the authors' code uses one). See README for the evaluation protocol.
+(Eq. q_w = W; the authors' code uses one). The evaluation protocol and the other deviations: configs/raft/README.md.
 """
 import json
 import os

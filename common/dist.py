@@ -133,7 +133,7 @@ def keep_freed_memory():
     process keeps its peak memory until it exits. With glibc's defaults each step page-faults its large
     tensors in afresh (the kernel zeroes every page): in common.benchmark's step timings of the six scripts
     (ResNet-18, batch 64, 2 cores) 11.9M page faults, against 0.4M with these settings and 1-14% shorter
-    steps (README, Speed). Returns whether glibc took the settings.
+    steps (``python -m common.benchmark``). Returns whether glibc took the settings.
 
     This changes the allocator of the whole process, for good: ``launch`` calls it for the scripts' CPU runs
     (and ``python -m common.benchmark`` for its own), never an import or ``device``."""

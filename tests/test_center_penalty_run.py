@@ -98,7 +98,7 @@ def _toy(tmp_path, dataset, variant):
 @pytest.mark.parametrize("dataset", ["blobs", "moons"])
 def test_toy_collapse_study_five_seeds(tmp_path, dataset):
     """CenterVector §3.1-3.2 on the shipped toy configs (5 seeds, 50 epochs). Thresholds from our measurements
-    (README): collapsed ||s|| per seed 0.84-0.93 (blobs), >= 0.999 (moons); center penalty <= 0.04 (blobs),
+    (configs/center_penalty/README.md): collapsed ||s|| per seed 0.84-0.93 (blobs), >= 0.999 (moons); center penalty <= 0.04 (blobs),
     0.008-0.33 (moons: 2 of 5 seeds merge two classes, ||s|| = 1/3). kNN stays high for every variant, so it is not
     asserted to fall to chance (the paper's claim does not reproduce with a cosine kNN)."""
     res = {v: _toy(tmp_path, dataset, v) for v in ("center_penalty", "invariance_only", "simsiam_no_predictor")}
