@@ -236,6 +236,8 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Two differentiable all-reduces (mean, then centred second moment), so gradients
     flow through the global statistics exactly as in one process with the whole batch.
+    Under autocast (bf16/fp16 input) the statistics and the normalisation are computed in
+    float32, as BatchNorm's own kernels do; the output has the input's dtype.
     """
 
     def _check_input_dim(self, x):
@@ -245,6 +247,7 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and world_size() > 1):
             return super().forward(x)
+        dtype, x = x.dtype, x.float()
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = torch.tensor(x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
@@ -260,7 +263,7 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(dtype)
 
 
 def convert_sync_bn(module, on_cuda):

@@ -332,7 +332,8 @@ def _alive(pid):
 
 
 def lock(run_dir):
-    """Take ``run_dir/.lock`` (pid, host); refuse if a live process holds it; take over a dead one's lock."""
+    """Take ``run_dir/.lock`` (pid, host, SLURM job); refuse if a live process holds it; take over the lock of a
+    dead process on this host, or of this SLURM job's earlier allocation (a requeued job may land elsewhere)."""
     path, host = Path(run_dir) / ".lock", socket.gethostname()
     for _ in range(2):
         try:
@@ -342,15 +343,19 @@ def lock(run_dir):
                 owner = json.loads(path.read_text())
             except (OSError, ValueError):
                 owner = {}
-            if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
+            job = os.environ.get("SLURM_JOB_ID")
+            requeued = job is not None and owner.get("slurm_job") == job  # this job's earlier allocation: gone
+            if not requeued and (owner.get("host") != host or _alive(int(owner.get("pid", -1)))):
                 raise UserError(f"run folder {Path(run_dir).resolve()} is in use by pid {owner.get('pid')} on "
                                 f"{owner.get('host')} (since {owner.get('since')}): wait for it or set name=...; if "
                                 f"that process is gone, delete {path.resolve()}") from None
-            print(f"note: took over the lock of pid {owner.get('pid')}, which is no longer running", flush=True)
+            print(f"note: took over the lock of pid {owner.get('pid')} on {owner.get('host')}, which is no longer "
+                  f"running{' (this SLURM job, requeued)' if requeued else ''}", flush=True)
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "slurm_job": os.environ.get("SLURM_JOB_ID")}, f)
         return
     raise UserError(f"could not take the lock {path.resolve()}: another run is starting in that folder")
 

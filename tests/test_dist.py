@@ -127,3 +127,24 @@ def test_launched_run_flushes_each_line_into_a_pipe():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "PYTHONUNBUFFERED")}
     out = subprocess.run([sys.executable, "-c", LINES.format(root=root)], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout == "epoch 1 knn200 12.5\n", out
+
+
+def _bf16_syncbn(rank, world, x):
+    bn = cd.convert_sync_bn(torch.nn.BatchNorm1d(4), on_cuda=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn(x[rank::world].bfloat16())
+    return {"y": y.detach(), "running_mean": bn.running_mean, "dtype": str(y.dtype)}
+
+
+def test_gloo_syncbn_under_bf16_autocast_keeps_float32_statistics():
+    """torchrun with precision=bf16 on CPU: the synchronised BN computes its statistics in float32 (its running
+    statistics stay float32, as one process's BatchNorm), and returns the input's dtype."""
+    x = torch.randn(16, 4) * 3 + 1
+    ranks = on_processes(_bf16_syncbn, x)
+    ref = torch.nn.BatchNorm1d(4)
+    ref(x.bfloat16().float())
+    for r, got in enumerate(ranks):
+        assert got["dtype"] == "torch.bfloat16" and got["running_mean"].dtype == torch.float32
+        torch.testing.assert_close(got["running_mean"], ref.running_mean, rtol=1e-5, atol=1e-6)
+        want = torch.nn.functional.batch_norm(x.bfloat16().float(), None, None, training=True)[r::2]
+        torch.testing.assert_close(got["y"].float(), want, rtol=2e-2, atol=2e-2)

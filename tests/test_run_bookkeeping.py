@@ -269,3 +269,17 @@ def test_a_script_copied_with_common_into_an_empty_folder_runs_there(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     s = json.loads((dest / "runs" / "msbreg" / "msbreg" / "summary.json").read_text())
     assert s["steps"] == 4 and "knn20" in s and "knn5_majority" in s
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    """After a hard kill, SLURM may requeue the job on another node: the lock of the same job id is taken over;
+    another job's lock on another node is not (its process cannot be checked from here)."""
+    from common.config import UserError
+    from common.run import lock
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 4242, "host": "node-17", "slurm_job": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(UserError, match="in use by pid 4242 on node-17"):
+        lock(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    lock(tmp_path)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
