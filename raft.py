@@ -205,8 +205,8 @@ def train(cfg):
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q and the mean teacher (f, g): a copy, or an independent draw (model.same_init)
-    online = run.to_device(Online(cfg.model, predictor(cfg.model)))  # f, g (App. B: 512-BN-ReLU-128), q_w
-    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model, predictor(cfg.model)))
+    online = run.to_device(Online(cfg.model, predictor))  # f, g (App. B: 512-BN-ReLU-128), q_w
+    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model, predictor))
     target = nn.Sequential(mt.f, mt.g)
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim)  # App. B: Adam 3e-4, no scaling

@@ -12,7 +12,7 @@ groups or fewer), ``ln`` (GroupNorm with one group = LayerNorm over C,H,W) or
 ``mlp(in, hidden, out, layers, norm, last_norm)`` is the projector/predictor:
 Linear-Norm-ReLU blocks then a Linear (BYOL: Linear-BN-ReLU-Linear).
 
-``Online(m, q)`` is BYOL's online network f, g, q (byol_uniform, byol_mhe, raft with its own q).
+``Online(m, predictor)`` is BYOL's online network f, g, q (byol_uniform, byol_mhe; raft with its own q).
 
 ``maybe_compile(module, cfg)`` applies ``torch.compile`` when the config says ``compile: true``.
 """
@@ -99,16 +99,17 @@ def mlp(in_dim, hidden, out, layers=2, norm="bn", last_norm=False):
 
 class Online(nn.Module):
     """BYOL's online network (Grill et al. §3.1): encoder f (``resnet`` of ``m``), projector g (Linear-BN-ReLU-
-    Linear, ``m.proj_hidden`` -> ``m.proj_dim``) and predictor q (the same shape, or the module given).
+    Linear, ``m.proj_hidden`` -> ``m.proj_dim``) and predictor q (the same shape, or ``predictor(m)``, built
+    after f and g so that f and g draw the same initial weights whatever q is).
     ``forward(views)`` -> ``([z per view], [q(z) per view])``, each view its own forward (per-view BN statistics).
     ``m.norm: none`` (no-BN ablations) takes BN out of the heads too."""
 
-    def __init__(self, m, q=None):
+    def __init__(self, m, predictor=None):
         super().__init__()
         norm = "none" if m.norm == "none" else "bn"
         self.f, dim = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)
         self.g = mlp(dim, m.proj_hidden, m.proj_dim, norm=norm)
-        self.q = q if q is not None else mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=norm)
+        self.q = predictor(m) if predictor else mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=norm)
 
     def forward(self, views):
         zs = [self.g(self.f(x)) for x in views]

@@ -29,7 +29,7 @@ def _online(script, cfg):
         return mod.build_model(cfg)
     if script == "decorr_nostopgrad":
         return mod.Decorr(cfg.model, cfg.loss.identity_predictor)
-    return mod.Online(cfg.model, mod.predictor(cfg.model)) if script == "raft" else mod.Online(cfg.model)
+    return mod.Online(cfg.model, mod.predictor) if script == "raft" else mod.Online(cfg.model)
 
 
 def _randomise(net):

@@ -13,7 +13,7 @@ from common.config import BASE, Cfg, merge
 
 def net(m):
     """raft.py's online network: BYOL's f, g with the q_w of ``model.predictor``."""
-    return raft.Online(m, raft.predictor(m))
+    return raft.Online(m, raft.predictor)
 
 def unit_ref(v):
     n = math.sqrt(sum(float(a) ** 2 for a in v))
