@@ -146,6 +146,22 @@ def knn_majority(encoder, loaders, device, ks):
     return {f"{k}_majority": v for k, v in acc.items()}
 
 
+@torch.no_grad()
+def singular_values(online, loaders, device, normalized=False):
+    """(MSBReg, Eq. 5-7) as an evaluation diagnostic: the singular values σ of the covariance S of the
+    predictions p = h(g(f(x))) over the un-augmented test images (heads in eval mode), summarised as
+    Σ(σ - 1)² = ||S - I||_F² (Eq. 6-7, what λ_s L_s pushes down), the largest and the smallest σ."""
+    feats, _ = extract_features(online.f, loaders["test"], device)
+    was_training = online.training
+    online.eval()
+    p = online.h(online.g(feats)).double()
+    online.train(was_training)
+    p = F.normalize(p, dim=-1) if normalized else p
+    pc = p - p.mean(0)
+    sv = torch.linalg.svdvals(pc.T @ pc / (len(p) - 1))  # (Eq. 5), the whole test set as the batch
+    return {"sv_dist_test": (sv - 1).pow(2).sum().item(), "sv_max_test": sv[0].item(), "sv_min_test": sv[-1].item()}
+
+
 def msbreg_loss(model, target, xs, n, loss_cfg):
     """(MSBReg, Eq. 2) L = L_c + λ_s L_s + λ_b L_b on K views ``xs`` with the Brownian directions ``n``
     (one per image): the step's loss and its parts."""
@@ -181,7 +197,8 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views, noise=noise)
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views, noise=noise,
+              extra_metrics=lambda: singular_values(online, run.eval_sets, run.device, cfg.loss.s_normalized))
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         xs = views(batch)

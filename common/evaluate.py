@@ -39,7 +39,8 @@ same encoder weights and gets the same dict; no rank waits while another evaluat
   test image of one process; batched random views within the probe's seed-to-seed spread.
 * Diagnostics (all on l2-normalised inputs unless stated): alignment and
   uniformity of Wang & Isola 2020 (``alpha=2``, ``t=2``), the centre-vector
-  norm, ``||Sigma - I||_F^2`` of the feature correlation matrix, and the mean
+  norm, ``||Sigma - I||_F^2`` of the feature correlation matrix, the effective rank of the covariance
+  spectrum (1: one direction, D: isotropic), and the mean
   per-dimension std (SimSiam's collapse indicator, ~1/sqrt(d) healthy, ~0 collapsed).
 
 Everything is pure torch, device-agnostic and keeps no global state.
@@ -313,6 +314,25 @@ def correlation_distance(f, eps=1e-8):
     return (corr - torch.eye(f.shape[1], dtype=f.dtype, device=f.device)).pow(2).sum()
 
 
+def covariance_spectrum(z):
+    """Singular values (descending, float64) of the covariance matrix over the rows of the l2-normalised ``z``
+    [N, D]: the eigenvalues of a symmetric PSD matrix, summing to the rows' total variance (<= 1)."""
+    zn = F.normalize(z.double(), dim=1)
+    zc = zn - zn.mean(0)
+    return torch.linalg.svdvals(zc.T @ zc / (z.shape[0] - 1))
+
+
+def effective_rank(sv):
+    """exp of the entropy of the normalised spectrum ``sv / sum(sv)`` (Roy & Vetterli 2007): 1 when one
+    direction holds all the variance (dimensional collapse), D when all D singular values are equal (isotropic,
+    the ball shape MSBReg's singular-value loss pushes towards); 0 for an all-zero spectrum (full collapse)."""
+    if sv.sum() <= 0:
+        return torch.zeros((), dtype=sv.dtype)
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum())
+
+
 @torch.no_grad()
 def feature_std(z):
     """Mean over dims of the per-dim (unbiased) std of the l2-normalised rows of ``z``."""
@@ -325,8 +345,9 @@ def monitor(encoder, loaders, device, eval_cfg, views=None):
 
     ``loaders``: ``{"train", "test", "num_classes"}`` from ``loaders.eval_loaders`` (un-augmented).
     Weighted kNN at each ``eval_cfg.knn_k`` (T = ``eval_cfg.knn_t``, cosine, train set as memory bank)
-    on encoder features; uniformity (t=2, on up to 2048 test features), centre-vector norm and the
-    collapse indicator ``feature_std`` of the test features; and, given ``views=(x1, x2)`` (two augmented
+    on encoder features; uniformity (t=2, on up to 2048 test features), centre-vector norm, the collapse
+    indicator ``feature_std``, ``corr_dist`` (||Sigma - I||_F^2 of the correlation matrix, Decorr Fig. 1) and
+    ``erank`` (effective rank of the covariance spectrum of the l2-normalised features) of the test features; and, given ``views=(x1, x2)`` (two augmented
     views of this rank's batch), the alignment (alpha=2) of the encoder features of the two views, averaged
     over the views of all ranks. Features extracted sharded and gathered, kNN scoring split over the ranks:
     the kNN accuracies of one process, exactly (module docstring).
@@ -338,6 +359,8 @@ def monitor(encoder, loaders, device, eval_cfg, views=None):
     out["uniformity"] = uniformity(test_f[:2048]).item()
     out["center_norm"] = center_vector_norm(test_f).item()
     out["feature_std"] = feature_std(test_f)
+    out["corr_dist"] = correlation_distance(test_f.double()).item()
+    out["erank"] = effective_rank(covariance_spectrum(test_f)).item()
     if views is not None:
         was_training = encoder.training
         encoder.eval()

@@ -173,6 +173,23 @@ def test_correlation_distance():
     assert ev.correlation_distance(dup).item() == pytest.approx(8 * 8 - 8, rel=1e-3)
 
 
+def test_covariance_spectrum_and_effective_rank():
+    z = torch.randn(60, 5, generator=_gen(14), dtype=torch.float64) @ torch.randn(5, 5, generator=_gen(15),
+                                                                                 dtype=torch.float64)
+    zn = [z[i] / z[i].norm() for i in range(60)]  # from the definitions: covariance of the normalised rows
+    mu = sum(zn) / 60
+    cov = sum(torch.outer(r - mu, r - mu) for r in zn) / 59
+    sv = ev.covariance_spectrum(z)
+    torch.testing.assert_close(sv, torch.linalg.eigvalsh(cov).flip(0), rtol=1e-9, atol=1e-12)
+    p = sv / sv.sum()
+    assert ev.effective_rank(sv).item() == pytest.approx(math.exp(-sum(float(x * math.log(x)) for x in p)))
+    iso = torch.randn(40000, 16, generator=_gen(16))
+    assert ev.effective_rank(ev.covariance_spectrum(iso)).item() > 15.8  # isotropic: ~D
+    line = torch.randn(500, 1, generator=_gen(17)) * torch.randn(1, 16, generator=_gen(18))
+    assert ev.effective_rank(ev.covariance_spectrum(line)).item() == pytest.approx(1.0, abs=1e-6)  # one axis
+    assert ev.effective_rank(torch.zeros(4)).item() == 0.0  # full collapse
+
+
 def test_feature_std():
     healthy = ev.feature_std(torch.randn(4000, 64, generator=_gen(9)))
     assert healthy == pytest.approx(1 / math.sqrt(64), rel=0.05)

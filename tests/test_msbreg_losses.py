@@ -239,3 +239,25 @@ def test_sampler_gives_rank_r_the_global_rows_r_plus_multiples_of_w():
             for r in range(W):
                 glued[r::W] = per_rank[r][t * (B // W):(t + 1) * (B // W)]
             assert glued == one[t * B:(t + 1) * B]
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_singular_values_diagnostic_is_eq6_on_the_test_predictions(normalized):
+    """The evaluation diagnostic Σ(σ - 1)² over the test set's predictions (eval mode) equals Eq. 6's loss on
+    those predictions (Eq. 7 = Eq. 6), with σ the eigenvalues of the float64 covariance (Eq. 5); the training
+    mode is left as it was."""
+    online = ms.Online(_tiny_model())
+    for _ in range(2):  # BatchNorm running statistics away from their init
+        online(torch.randn(2, 6, 3, 16, 16).unbind(0))
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    loaders = {"test": [(x[:25], torch.zeros(25)), (x[25:], torch.zeros(15))]}
+    got = ms.singular_values(online, loaders, torch.device("cpu"), normalized)
+    assert online.training
+    online.eval()
+    with torch.no_grad():
+        p = online.h(online.g(online.f(x))).double()
+    ref = singular_value_ref(p[None], normalized)
+    assert got["sv_dist_test"] == pytest.approx(ref, rel=1e-8)
+    pn = torch.nn.functional.normalize(p, dim=-1) if normalized else p
+    eig = torch.linalg.eigvalsh(covariance_ref(pn))
+    assert (got["sv_max_test"], got["sv_min_test"]) == pytest.approx((eig[-1].item(), eig[0].item()), rel=1e-8)

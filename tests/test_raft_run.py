@@ -111,7 +111,8 @@ TAB = {  # file: (objective, predictor, tangential, β of Eq. 9-11, β as Tab. 3
 
 
 def test_every_table_row_has_a_config_with_the_app_b_setup():
-    files = {p.stem for p in (ROOT / "configs" / "raft").glob("*.yaml")} - {"_app_b"}
+    files = {p.stem for p in (ROOT / "configs" / "raft").glob("*.yaml") if not p.stem.startswith("fashion_mnist")}
+    files -= {"_app_b"}  # (the base of the App. B configs; fashion_mnist*: the CPU table's setting, not a paper's)
     assert files == set(TAB)
     for stem, (obj, pred, tan, beta, beta_tab3) in TAB.items():
         cfg = parse(["--config", str(ROOT / "configs" / "raft" / f"{stem}.yaml")], raft.DEFAULTS, raft.CHOICES,
