@@ -99,3 +99,30 @@ def test_mhe_energy_from_the_checkpoint_is_byol_mhe_s_own_and_random_init_is_eve
     assert len(logged) == 4 and results.mhe_energy(folder) == pytest.approx(statistics.fmean(logged), rel=1e-6)
     r = json.loads((results.run_dir(tmp_path / "runs", "random-init", 0) / "summary.json").read_text())
     assert r["knn20"] == s["knn_init"]  # the random-init baseline is the encoder byol_mhe.py starts from
+
+
+def test_fashion_mnist_table_cells_share_encoder_size_epochs_and_evaluation():
+    """Every cell of configs/fashion_mnist.table resolves with its own script's defaults (no data needed), and all
+    share the data, image size, encoder, epochs and evaluation; the floor and plain BYOL are what they say."""
+    import importlib
+    import shlex
+
+    from common.config import parse
+    t = results.load_table(ROOT / "configs" / "fashion_mnist.table")
+    shared = {}
+    for cell in t["cells"]:
+        argv = shlex.split(cell["cmd"])
+        module = argv[2] if argv[1] == "-m" else argv[1].removesuffix(".py")
+        mod = importlib.import_module(module)
+        config = str(ROOT / argv[argv.index("--config") + 1])
+        c = parse(["--config", config], mod.DEFAULTS, getattr(mod, "CHOICES", None),
+                  method="baselines" if module == "common.baselines" else module)
+        shared[cell["name"]] = (c.data.name, c.data.image_size, c.model.arch, c.model.width, c.model.cifar_stem,
+                                c.optim.epochs, {k: v for k, v in c.eval.plain().items() if k != "knn_majority_k"})  # (msbreg's: off)
+        if cell["name"] == "byol":
+            assert module == "byol_uniform" and c.loss.lambda_uni == 0
+        if cell["name"] == "random-init":
+            assert c.baseline == "random"
+    assert all(v == shared["byol"] for v in shared.values()), {k: v for k, v in shared.items() if v != shared["byol"]}
+    assert {"random-init", "byol", "supervised", "byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad",
+            "center_penalty"} == set(shared)
