@@ -48,6 +48,7 @@ COLUMNS = [
     ("linear_top1", "linear top-1", "{:.1f}"),
     ("uniformity", "uniformity (f, t=2)", "{:.2f}"),
     ("center_norm", "‖s‖ (f)", "{:.3f}"),
+    ("s_norm_test", "‖s‖ (z; center_penalty)", "{:.3f}"),  # the norm Eq. 32 penalises, of the normalised outputs
     ("corr_dist", "‖Σ−I‖²_F (f)", "{:.0f}"),
     ("erank", "eff. rank (f)", "{:.1f}"),
     ("mhe_energy", "E_a2 (g, q)", "{:.3f}"),
