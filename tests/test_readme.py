@@ -138,3 +138,27 @@ def test_quickstart_comments_hold_no_measured_accuracy():
         comments = " ".join(line.partition("#")[2] for line in _text(path).splitlines() if "#" in line)
         found = re.findall(r"\d+\.\d+\s*%|->\s*\d", comments)
         assert not found, f"{path.name}: a measured number in a comment ({found}); it belongs in README.md's table"
+
+
+FM_BEGIN = "<!-- fashion_mnist table (rows of python -m common.results configs/fashion_mnist.table) -->"
+FM_END = "<!-- end of the fashion_mnist table -->"
+
+
+def _fm_rows(path):
+    text = _text(path)
+    assert FM_BEGIN in text and FM_END in text, f"{path.name}: no Fashion-MNIST table block"
+    block = text.split(FM_BEGIN, 1)[1].split(FM_END, 1)[0]
+    return [line for line in block.splitlines() if line.startswith("|")][2:]
+
+
+def test_fashion_mnist_table_is_one_table_and_each_method_readme_quotes_its_rows():
+    """The README's Fashion-MNIST table (written by common.results) has the floor, plain BYOL, the six methods and
+    the ceiling; each configs/<method>/README.md shows its own row and the baselines' exactly as the README does."""
+    readme = _fm_rows(README)
+    cells = [r.split("|")[1].strip() for r in readme]
+    assert set(cells) >= {"random-init", "byol", "supervised"}, cells
+    for m in METHODS:
+        rows = _fm_rows(ROOT / "configs" / m / "README.md")
+        assert any(r.split("|")[1].strip() == m for r in rows), m
+        for r in rows:
+            assert r in readme, f"configs/{m}/README.md: a Fashion-MNIST row differs from README.md's: {r}"
