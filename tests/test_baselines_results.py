@@ -123,6 +123,8 @@ def test_fashion_mnist_table_cells_share_encoder_size_epochs_and_evaluation():
             assert module == "byol_uniform" and c.loss.lambda_uni == 0
         if cell["name"] == "random-init":
             assert c.baseline == "random"
+        if cell["name"].startswith("msbreg"):  # K = 4 (the paper's default) and K = 2 (Tab. 11's BYOL setting)
+            assert (c.loss.K, c.loss.centroid) == ((2, False) if cell["name"] == "msbreg_k2" else (4, True))
     assert all(v == shared["byol"] for v in shared.values()), {k: v for k, v in shared.items() if v != shared["byol"]}
-    assert {"random-init", "byol", "supervised", "byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad",
-            "center_penalty"} == set(shared)
+    assert {"random-init", "byol", "supervised", "byol_uniform", "byol_mhe", "msbreg", "msbreg_k2", "raft",
+            "decorr_nostopgrad", "center_penalty"} == set(shared)
