@@ -225,7 +225,7 @@ def train(cfg):
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
     run.start(online.f, online=online, target=target, optimizer=opt, views=views,
-              extra_metrics=lambda: energies(online, cfg.mhe.layers, cfg.mhe.power))  # each layer's E_s
+              extra_metrics=lambda f_test: energies(online, cfg.mhe.layers, cfg.mhe.power))  # each layer's E_s
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         x1, x2 = views(batch)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from common import data, dist, log
 from common.augment import ViewMaker
 from common.config import UserError, parse
-from common.evaluate import center_vector_norm, extract_features, feature_std, knn_accuracies
+from common.evaluate import apply_eval, center_vector_norm, extract_features, feature_std, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -297,10 +297,8 @@ def train(cfg):
     opt = optimizer(cfg, online, peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, run.device)
-    fg = nn.Sequential(online.f, online.g)
     run.start(online.f, online=online, optimizer=opt, views=views,  # at each evaluation: ||s|| of the test set's z
-              extra_metrics=lambda: {"s_norm_test": center_vector_norm(
-                  extract_features(fg, run.eval_sets["test"], run.device)[0]).item()})
+              extra_metrics=lambda f_test: {"s_norm_test": center_vector_norm(apply_eval(online.g, f_test)).item()})
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         x1, x2 = views(batch)

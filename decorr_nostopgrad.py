@@ -70,7 +70,7 @@ import torch.nn as nn
 from common import checkpoint, data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
-from common.evaluate import correlation_distance, extract_features, feature_std
+from common.evaluate import apply_eval, feature_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
@@ -222,16 +222,11 @@ def predictor_diagnostics(W_p):
 
 
 @torch.no_grad()
-def representation_diagnostics(model, loaders, device):
-    """(Decorr, Fig. 1) ||Σ - I||_F² of the backbone features' correlation matrix on the un-augmented
-    test images, and collapse indicators: std of l2-normalised backbone / projector outputs x √dim."""
-    feats, _ = extract_features(model.f, loaders["test"], device)
-    was_training = model.g.training
-    model.g.eval()
-    z = model.g(feats)
-    model.g.train(was_training)
-    return {"corr_dist": correlation_distance(feats.double()).item(),
-            "feature_std_rel": feature_std(feats) * feats.shape[1] ** 0.5,
+def representation_diagnostics(model, feats):
+    """Collapse indicators on the un-augmented test images' backbone features ``feats``: std of l2-normalised
+    backbone / projector outputs x √dim (Fig. 1's ||Σ - I||_F² of the features: ``corr_dist``, every run's)."""
+    z = apply_eval(model.g, feats)
+    return {"feature_std_rel": feature_std(feats) * feats.shape[1] ** 0.5,
             "proj_std_rel": feature_std(z) * z.shape[1] ** 0.5, "proj_rms": z.pow(2).mean().sqrt().item()}
 
 
@@ -249,10 +244,10 @@ def decorr_objective(model, x1, x2, loss_cfg):
     return total[0], {"loss_inv": total[1], "loss_cov": total[2], "z_std": z1.detach().std(0).mean()}
 
 
-def diagnostics(online, run, cfg):
+def diagnostics(online, run, cfg, f_test):
     """At each evaluation: Fig. 1 (||Σ - I||²), the collapse verdict, and every ``diag.wp_every`` epochs Fig. 4's
     W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
-    diag = representation_diagnostics(online, run.eval_sets, run.device)
+    diag = representation_diagnostics(online, f_test)
     diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
     epoch = run.epoch
     if online.W_p is not None and cfg.diag.wp_every and (epoch == cfg.optim.epochs or epoch % cfg.diag.wp_every == 0):
@@ -281,7 +276,7 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, optimizer=opt, views=views, extra_metrics=lambda: diagnostics(online, run, cfg))
+    run.start(online.f, online=online, optimizer=opt, views=views, extra_metrics=lambda f_test: diagnostics(online, run, cfg, f_test))
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         x1, x2 = views(batch)

@@ -44,7 +44,7 @@ from common import data, dist
 from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
-from common.evaluate import extract_features, knn_accuracies
+from common.evaluate import apply_eval, extract_features, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr
 from common.run import Run
@@ -147,15 +147,11 @@ def knn_majority(encoder, loaders, device, ks):
 
 
 @torch.no_grad()
-def singular_values(online, loaders, device, normalized=False):
+def singular_values(online, f_test, normalized=False):
     """(MSBReg, Eq. 5-7) as an evaluation diagnostic: the singular values σ of the covariance S of the
-    predictions p = h(g(f(x))) over the un-augmented test images (heads in eval mode), summarised as
-    Σ(σ - 1)² = ||S - I||_F² (Eq. 6-7, what λ_s L_s pushes down), the largest and the smallest σ."""
-    feats, _ = extract_features(online.f, loaders["test"], device)
-    was_training = online.training
-    online.eval()
-    p = online.h(online.g(feats)).double()
-    online.train(was_training)
+    predictions p = h(g(f)) of the un-augmented test images' encoder features ``f_test`` (heads in eval mode),
+    summarised as Σ(σ - 1)² = ||S - I||_F² (Eq. 6-7, what λ_s L_s pushes down), the largest and the smallest σ."""
+    p = apply_eval(online.h, apply_eval(online.g, f_test)).double()
     p = F.normalize(p, dim=-1) if normalized else p
     pc = p - p.mean(0)
     sv = torch.linalg.svdvals(pc.T @ pc / (len(p) - 1))  # (Eq. 5), the whole test set as the batch
@@ -198,7 +194,7 @@ def train(cfg):
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
     run.start(online.f, online=online, target=target, optimizer=opt, views=views, noise=noise,
-              extra_metrics=lambda: singular_values(online, run.eval_sets, run.device, cfg.loss.s_normalized))
+              extra_metrics=lambda f_test: singular_values(online, f_test, cfg.loss.s_normalized))
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         xs = views(batch)

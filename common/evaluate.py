@@ -340,7 +340,7 @@ def feature_std(z):
 
 
 # ----------------------------------------------------------------------------- what the scripts call
-def monitor(encoder, loaders, device, eval_cfg, views=None):
+def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False):
     """The per-eval metrics every script logs. Collective: every rank calls it and gets the same dict.
 
     ``loaders``: ``{"train", "test", "num_classes"}`` from ``loaders.eval_loaders`` (un-augmented).
@@ -350,7 +350,8 @@ def monitor(encoder, loaders, device, eval_cfg, views=None):
     ``erank`` (effective rank of the covariance spectrum of the l2-normalised features) of the test features; and, given ``views=(x1, x2)`` (two augmented
     views of this rank's batch), the alignment (alpha=2) of the encoder features of the two views, averaged
     over the views of all ranks. Features extracted sharded and gathered, kNN scoring split over the ranks:
-    the kNN accuracies of one process, exactly (module docstring).
+    the kNN accuracies of one process, exactly (module docstring). ``test_features=True``: returns
+    ``(metrics, test features)``, for metrics of the script's own on the same features (``Run``'s ``extra_metrics``).
     """
     train_f, train_y = extract_features(encoder, loaders["train"], device)
     test_f, test_y = extract_features(encoder, loaders["test"], device)
@@ -368,7 +369,18 @@ def monitor(encoder, loaders, device, eval_cfg, views=None):
             a = alignment(encoder(views[0]).float(), encoder(views[1]).float())
         encoder.train(was_training)
         out["alignment"] = a.item() if dist.world_size() == 1 else _mean_over_ranks(a, len(views[0]))
-    return out
+    return (out, test_f) if test_features else out
+
+
+@torch.no_grad()
+def apply_eval(module, x):
+    """``module(x)`` in eval mode (BN running statistics), no gradient; the module's mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        return module(x)
+    finally:
+        module.train(was_training)
 
 
 def _mean_over_ranks(mean, n):

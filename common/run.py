@@ -105,10 +105,11 @@ class Run:
         """Remember what a checkpoint holds (``objects``: anything with ``state_dict``), then restore them from
         the resume checkpoint, or log the kNN of the random-init ``encoder`` (the baseline SSL must beat).
 
-        ``extra_metrics()``: the script's own metrics at each evaluation (every rank calls it);
+        ``extra_metrics(f_test)``: the script's own metrics at each evaluation (every rank calls it), given the
+        encoder's features of the test images that ``monitor`` extracted (the whole set, on every rank);
         ``epoch_end()``: metrics logged at the end of every epoch."""
         self.encoder, self.objects, self._started = encoder, objects, True
-        self._extra, self._epoch_end = extra_metrics or dict, epoch_end or dict
+        self._extra, self._epoch_end = extra_metrics or (lambda f_test: {}), epoch_end or dict
         step = self.state["counters"]["step"] if self.state else None
         self.logger = log.Logger(self.dir, dist.is_main(), resume_step=step)  # (a fresh run: old records aside)
         if self.state:
@@ -125,8 +126,9 @@ class Run:
             self.state = None
         else:
             k = self.cfg.eval.knn_k[0]
-            self.c["knn_init"] = monitor(encoder, self.eval_sets, self.device, self.cfg.eval)[f"knn{k}"]
-            self.logger.log({"step": 0, "epoch": 0, f"knn{k}_init": self.c["knn_init"], **self._extra()})
+            out, f_test = monitor(encoder, self.eval_sets, self.device, self.cfg.eval, test_features=True)
+            self.c["knn_init"] = out[f"knn{k}"]
+            self.logger.log({"step": 0, "epoch": 0, f"knn{k}_init": self.c["knn_init"], **self._extra(f_test)})
 
     @property
     def step(self):
@@ -214,8 +216,9 @@ class Run:
     def evaluate(self):
         """Metrics of the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
         alignment of two fixed views of fixed images, and the script's ``extra_metrics``."""
-        out = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval, views=self._alignment_views())
-        return {**out, **self._extra()}
+        out, f_test = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval,
+                              views=self._alignment_views(), test_features=True)
+        return {**out, **self._extra(f_test)}
 
     def _end_of_epoch(self):
         c, cfg = self.c, self.cfg

@@ -9,6 +9,7 @@ import torch
 
 import msbreg as ms
 from common.config import BASE, Cfg
+from common.evaluate import extract_features
 from common.loaders import ResumableSampler
 
 
@@ -251,7 +252,8 @@ def test_singular_values_diagnostic_is_eq6_on_the_test_predictions(normalized):
         online(torch.randn(2, 6, 3, 16, 16).unbind(0))
     x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     loaders = {"test": [(x[:25], torch.zeros(25)), (x[25:], torch.zeros(15))]}
-    got = ms.singular_values(online, loaders, torch.device("cpu"), normalized)
+    f_test, _ = extract_features(online.f, loaders["test"], torch.device("cpu"))
+    got = ms.singular_values(online, f_test, normalized)
     assert online.training
     online.eval()
     with torch.no_grad():

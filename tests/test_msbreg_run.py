@@ -148,3 +148,23 @@ def test_quickstart_learns_without_collapse(tmp_path):
     s = json.loads((tmp_path / "msbreg" / "learn" / "summary.json").read_text())
     assert s["knn200"] >= s["knn_init"] + 15, s
     assert s["feature_std"] > FEATURE_STD_FLOOR, s
+
+
+def test_each_evaluation_encodes_the_test_images_once(tmp_path, monkeypatch):
+    """The script's own diagnostics (here the singular values of Eq. 5-7) reuse the test features the kNN
+    evaluation extracted (``Run``'s ``extra_metrics(f_test)``): a run with two evaluations (random init, end)
+    encodes the training and the test images twice each, not the test images a third and a fourth time."""
+    import common.evaluate as ev
+    real, calls = ev.extract_features, []
+
+    def counted(encoder, loader, *a, **k):
+        calls.append(len(loader.dataset) if hasattr(loader, "dataset") else None)
+        return real(encoder, loader, *a, **k)
+    monkeypatch.setattr(ev, "extract_features", counted)
+    monkeypatch.setattr(ms, "extract_features", counted)
+    cfg = parse(["--set", *TINY, "eval.linear=none", "eval.knn_majority_k=[]", "log.progress=false",
+                 f"out_dir={tmp_path}", "name=r"], ms.DEFAULTS, ms.CHOICES, method="msbreg")
+    ms.train(cfg)
+    assert sorted(calls) == [64, 64, 128, 128], calls  # (test, train) at step 0 and at the end
+    s = json.loads((tmp_path / "msbreg" / "r" / "summary.json").read_text())
+    assert s["sv_dist_test"] > 0 and s["sv_max_test"] >= s["sv_min_test"] >= 0
