@@ -52,7 +52,7 @@ COLUMNS = [
     ("corr_dist", "‖Σ−I‖²_F (f)", "{:.0f}"),
     ("erank", "eff. rank (f)", "{:.1f}"),
     ("mhe_energy", "E_a2 (g, q)", "{:.3f}"),
-    ("sv_dist_test", "Σ(σ−1)² (p)", "{:.3g}"),
+    ("sv_dist_test", "Σ(σ−1)² (p)", "{:.1f}"),
     ("wall_min", "wall (min)", "{:.1f}"),
 ]
 RANDOM = "random-init"  # the cell every other must beat by 3 std (kNN and linear)
