@@ -245,8 +245,8 @@ def decorr_objective(model, x1, x2, loss_cfg):
 
 
 def diagnostics(online, run, cfg, f_test):
-    """At each evaluation: Fig. 1 (||Σ - I||²), the collapse verdict, and every ``diag.wp_every`` epochs Fig. 4's
-    W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
+    """At each evaluation (Fig. 1's ||Σ - I||² is ``monitor``'s ``corr_dist``): the collapse verdict, and every
+    ``diag.wp_every`` epochs Fig. 4's W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
     diag = representation_diagnostics(online, f_test)
     diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
     epoch = run.epoch
@@ -276,7 +276,8 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, optimizer=opt, views=views, extra_metrics=lambda f_test: diagnostics(online, run, cfg, f_test))
+    run.start(online.f, online=online, optimizer=opt, views=views,
+              extra_metrics=lambda f_test: diagnostics(online, run, cfg, f_test))
 
     for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
         x1, x2 = views(batch)

@@ -363,11 +363,7 @@ def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False)
     out["corr_dist"] = correlation_distance(test_f.double()).item()
     out["erank"] = effective_rank(covariance_spectrum(test_f)).item()
     if views is not None:
-        was_training = encoder.training
-        encoder.eval()
-        with torch.no_grad():
-            a = alignment(encoder(views[0]).float(), encoder(views[1]).float())
-        encoder.train(was_training)
+        a = alignment(apply_eval(encoder, views[0]).float(), apply_eval(encoder, views[1]).float())
         out["alignment"] = a.item() if dist.world_size() == 1 else _mean_over_ranks(a, len(views[0]))
     return (out, test_f) if test_features else out
 
