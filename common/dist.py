@@ -131,12 +131,12 @@ def keep_freed_memory():
     """Training on CPU with glibc: keep freed memory in the process for reuse instead of returning it to the
     system (``mallopt``: no mmap'ed blocks, no trimming), as the CUDA caching allocator does on a GPU; the
     process keeps its peak memory until it exits. With glibc's defaults each step page-faults its large
-    tensors in afresh (the kernel zeroes every page): in common.benchmark's step timings of the six scripts
+    tensors in afresh (the kernel zeroes every page): in common.tools.benchmark's step timings of the six scripts
     (ResNet-18, batch 64, 2 cores) 11.9M page faults, against 0.4M with these settings and 1-14% shorter
-    steps (``python -m common.benchmark``). Returns whether glibc took the settings.
+    steps (``python -m common.tools.benchmark``). Returns whether glibc took the settings.
 
     This changes the allocator of the whole process, for good: ``launch`` calls it for the scripts' CPU runs
-    (and ``python -m common.benchmark`` for its own), never an import or ``device``."""
+    (and ``python -m common.tools.benchmark`` for its own), never an import or ``device``."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl, Windows): its allocator as it is

@@ -412,9 +412,3 @@ def final_linear_eval(encoder, loaders, device, cfg):
                                      e.linear_weight_decay, optimizer=e.linear_optimizer,
                                      sampler=loaders["train_aug_sampler"])
     return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_protocol": f"{e.linear} (offline)"}
-
-
-if __name__ == "__main__":  # python -m common.evaluate RUN_DIR_or_CHECKPOINT [--set key=value ...]
-    from common.evaluate_cli import main
-
-    main()

@@ -1,4 +1,4 @@
-"""The baselines (common/baselines.py) and the results-table command (common/results.py) on tiny synthetic runs:
+"""The baselines (common/tools/baselines.py) and the results-table command (common/tools/results.py) on tiny synthetic runs:
 the random-init baseline is the initial encoder every run starts from; the table runs each (cell, seed) once,
 resumes without re-running a finished one, writes mean ± std; missing data stop it before any run with how to get
 them; the MHE energy it reads from a checkpoint is byol_mhe.py's own."""
@@ -36,7 +36,7 @@ class Done:
 
 
 def _results(table, *args, capsys, monkeypatch):
-    """``python -m common.results TABLE ARGS`` in this process (its runs are subprocesses, as for a user)."""
+    """``python -m common.tools.results TABLE ARGS`` in this process (its runs are subprocesses, as for a user)."""
     monkeypatch.chdir(ROOT)
     code = 0
     try:
@@ -49,8 +49,8 @@ def _results(table, *args, capsys, monkeypatch):
 
 def test_table_runs_each_cell_once_resumes_and_writes_mean_std(tmp_path, capsys, monkeypatch):
     io = dict(capsys=capsys, monkeypatch=monkeypatch)
-    table = _table(tmp_path, [("random-init", "-m common.baselines", "baseline=random"),
-                              ("supervised", "-m common.baselines", "baseline=supervised")])
+    table = _table(tmp_path, [("random-init", "-m common.tools.baselines", "baseline=random"),
+                              ("supervised", "-m common.tools.baselines", "baseline=supervised")])
     p = _results(table, "--seeds", "0", **io)  # a part: one seed
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("running") == 2 and "| random-init | 1 |" in p.stdout
@@ -77,7 +77,7 @@ def test_table_runs_each_cell_once_resumes_and_writes_mean_std(tmp_path, capsys,
 
 def test_missing_data_stop_before_any_run_and_say_how_to_get_them(tmp_path, capsys, monkeypatch):
     io = dict(capsys=capsys, monkeypatch=monkeypatch)
-    table = _table(tmp_path, [("random-init", "-m common.baselines", "baseline=random")],
+    table = _table(tmp_path, [("random-init", "-m common.tools.baselines", "baseline=random")],
                    data={"name": "fashion_mnist", "root": str(tmp_path / "nodata")})
     p = _results(table, **io)
     err = p.stderr.strip().splitlines()
@@ -88,7 +88,7 @@ def test_missing_data_stop_before_any_run_and_say_how_to_get_them(tmp_path, caps
 
 def test_mhe_energy_from_the_checkpoint_is_byol_mhe_s_own_and_random_init_is_every_run_s_start(tmp_path, capsys, monkeypatch):
     io = dict(capsys=capsys, monkeypatch=monkeypatch)
-    table = _table(tmp_path, [("random-init", "-m common.baselines", "baseline=random"),
+    table = _table(tmp_path, [("random-init", "-m common.tools.baselines", "baseline=random"),
                               ("byol_mhe", "byol_mhe.py", "model.proj_hidden=32 model.proj_dim=8 model.pred_hidden=32 "
                                                           "mhe.weight=1")])
     p = _results(table, "--seeds", "0", **io)
@@ -116,7 +116,7 @@ def test_fashion_mnist_table_cells_share_encoder_size_epochs_and_evaluation():
         mod = importlib.import_module(module)
         config = str(ROOT / argv[argv.index("--config") + 1])
         c = parse(["--config", config], mod.DEFAULTS, getattr(mod, "CHOICES", None),
-                  method="baselines" if module == "common.baselines" else module)
+                  method="baselines" if module == "common.tools.baselines" else module)
         shared[cell["name"]] = (c.data.name, c.data.image_size, c.model.arch, c.model.width, c.model.cifar_stem,
                                 c.optim.epochs, {k: v for k, v in c.eval.plain().items() if k != "knn_majority_k"})  # (msbreg's: off)
         if cell["name"] == "byol":

@@ -1,4 +1,4 @@
-"""common.benchmark end to end with tiny arguments: every line printed, every ratio positive."""
+"""common.tools.benchmark end to end with tiny arguments: every line printed, every ratio positive."""
 import re
 
 import torch

@@ -17,7 +17,7 @@ def _method(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_config_parses(path):
     method = _method(path)
-    module = "common.baselines" if method == "baselines" else method  # the table's baselines (not a method)
+    module = "common.tools.baselines" if method == "baselines" else method  # the table's baselines (not a method)
     if not (ROOT / f"{module.replace('.', '/')}.py").exists():
         pytest.skip(f"{method}.py not written yet")
     mod = importlib.import_module(module)

@@ -1,4 +1,4 @@
-"""``python -m common.evaluate`` as a user runs it (subprocesses): it reproduces a finished run's summary.json on 1
+"""``python -m common.tools.evaluate`` as a user runs it (subprocesses): it reproduces a finished run's summary.json on 1
 and 2 processes, writes eval.json, prints one line; bad input is one clear line and exit status 2."""
 import json
 import os
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.evaluate_cli import main
+from common.tools.evaluate import main
 from scriptrun import ROOT, one_clear_line
 from test_byol_uniform_run import S  # the tiny byol_uniform run of its own tests
 
@@ -16,7 +16,7 @@ SAME = ("knn20", "uniformity", "center_norm", "feature_std", "linear_top1", "lin
 
 
 def evaluate(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "common.evaluate", *map(str, args)], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "common.tools.evaluate", *map(str, args)], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.DEVNULL)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]

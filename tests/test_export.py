@@ -1,4 +1,4 @@
-"""python -m common.export: the online encoder as a torchvision ResNet state_dict, loaded back with the lines the
+"""python -m common.tools.export: the online encoder as a torchvision ResNet state_dict, loaded back with the lines the
 command prints (and the README shows), giving the project encoder's features; bad input is one line, exit 2."""
 import importlib
 import subprocess
@@ -133,7 +133,7 @@ def test_a_real_run_exports_from_its_run_folder(tmp_path):
             "optim.warmup_epochs=0", "eval.linear=none", "eval.knn_k=[5]"]
     Script("byol_uniform", tiny).run(tmp_path)
     run = tmp_path / "byol_uniform" / "r"
-    p = subprocess.run([sys.executable, "-m", "common.export", str(run), "--out", str(tmp_path / "b.pt")], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "common.tools.export", str(run), "--out", str(tmp_path / "b.pt")], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0].startswith("wrote the online encoder (resnet18, width 8, CIFAR stem")

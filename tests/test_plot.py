@@ -1,4 +1,4 @@
-"""common/plot.py: each paper's figure renders, as a PNG of the expected pixel size, from small recorded
+"""common/tools/plot.py: each paper's figure renders, as a PNG of the expected pixel size, from small recorded
 runs (tests/plot_records: tiny real runs, config.yaml trimmed to the keys the plots read) or, for the
 checkpoint-based figures, from a tiny run made here; a missing matplotlib is one line and exit status 2."""
 import os
@@ -106,7 +106,7 @@ def test_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
 
 
 def test_only_the_plot_module_imports_matplotlib():
-    files = [*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), *ROOT.glob("tests/*.py")]
+    files = [*ROOT.glob("*.py"), *ROOT.glob("common/**/*.py"), *ROOT.glob("tests/*.py")]
     users = [p.relative_to(ROOT).as_posix() for p in files
              if p != Path(__file__).resolve() and "import matplotlib" in p.read_text()]
-    assert users == ["common/plot.py"]
+    assert users == ["common/tools/plot.py"]

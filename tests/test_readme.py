@@ -74,7 +74,7 @@ def test_readme_is_short():
 def test_readme_answers_the_first_questions_in_its_first_120_lines():
     head = "\n".join(_text(README).splitlines()[:120])
     for word in ("python byol_uniform.py --config", "pytest", "torchrun", "--nnodes", "dist.nproc", "sbatch",
-                 "srun", "resume=auto", "common.evaluate", "common.export", "data.name=folder", "run folder"):
+                 "srun", "resume=auto", "common.tools.evaluate", "common.tools.export", "data.name=folder", "run folder"):
         assert word in head, f"{word!r} is not in the README's first 120 lines"
 
 
@@ -140,7 +140,7 @@ def test_quickstart_comments_hold_no_measured_accuracy():
         assert not found, f"{path.name}: a measured number in a comment ({found}); it belongs in README.md's table"
 
 
-FM_BEGIN = "<!-- fashion_mnist table (rows of python -m common.results configs/fashion_mnist.table) -->"
+FM_BEGIN = "<!-- fashion_mnist table (rows of python -m common.tools.results configs/fashion_mnist.table) -->"
 FM_END = "<!-- end of the fashion_mnist table -->"
 
 
@@ -152,7 +152,7 @@ def _fm_rows(path):
 
 
 def test_fashion_mnist_table_is_one_table_and_each_method_readme_quotes_its_rows():
-    """The README's Fashion-MNIST table (written by common.results) has the floor, plain BYOL, the six methods and
+    """The README's Fashion-MNIST table (written by common.tools.results) has the floor, plain BYOL, the six methods and
     the ceiling; each configs/<method>/README.md shows its own row and the baselines' exactly as the README does."""
     readme = _fm_rows(README)
     cells = [r.split("|")[1].strip() for r in readme]

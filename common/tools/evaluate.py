@@ -1,9 +1,9 @@
-"""``python -m common.evaluate RUN_DIR_or_CHECKPOINT [--set key=value ...]``: k-NN and linear probe of a saved
+"""``python -m common.tools.evaluate RUN_DIR_or_CHECKPOINT [--set key=value ...]``: k-NN and linear probe of a saved
 encoder, on one process, on ``dist.nproc`` local processes or under ``torchrun``.
 
-    python -m common.evaluate runs/byol_uniform/cifar10_resnet18_300ep                  # its checkpoints/last.pt
-    python -m common.evaluate runs/.../checkpoints/epoch_0100.pt --set eval.linear=paper eval.linear_epochs=80
-    torchrun --nproc_per_node=8 -m common.evaluate RUN_DIR --set eval.knn_k=[20,200] data.root=/datasets
+    python -m common.tools.evaluate runs/byol_uniform/cifar10_resnet18_300ep                  # its checkpoints/last.pt
+    python -m common.tools.evaluate runs/.../checkpoints/epoch_0100.pt --set eval.linear=paper eval.linear_epochs=80
+    torchrun --nproc_per_node=8 -m common.tools.evaluate RUN_DIR --set eval.knn_k=[20,200] data.root=/datasets
 
 The checkpoint's own resolved config is the default (today's defaults under it for keys added since), and
 ``--set`` overrides it strictly: an unknown key or a wrong type is one ``error:`` line and exit status 2, as is
@@ -81,8 +81,8 @@ def run(path, overrides, cfg):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.evaluate",
-                                 description="kNN and linear probe of a saved encoder (see common/evaluate_cli.py)")
+    ap = argparse.ArgumentParser(prog="python -m common.tools.evaluate",
+                                 description="kNN and linear probe of a saved encoder (see common/tools/evaluate.py)")
     ap.add_argument("path", help="run folder (its checkpoints/last.pt) or checkpoint .pt file")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                     help="overrides of the checkpoint's config, e.g. --set eval.linear=paper dist.nproc=2")

@@ -1,9 +1,9 @@
 """Speed ratios, measured side by side in one run on the current device.
 
-    python -m common.benchmark                                   # ~8 min on 2 CPU cores (--width 16: ~2)
-    python -m common.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
-    python -m common.benchmark --set precision=bf16 channels_last=true compile=true       # options on
-    python -m common.benchmark --mhe [--arch resnet50 --batch 64]                          # (d) only
+    python -m common.tools.benchmark                                   # ~8 min on 2 CPU cores (--width 16: ~2)
+    python -m common.tools.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
+    python -m common.tools.benchmark --set precision=bf16 channels_last=true compile=true       # options on
+    python -m common.tools.benchmark --mhe [--arch resnet50 --batch 64]                          # (d) only
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
     ``augment.path: batched``) vs the per-image torchvision v2 pipeline (``cpu_view``, one

@@ -1,6 +1,6 @@
 """Each paper's signature figure from run folders (optional: needs matplotlib).
 
-    python -m common.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--epochs 1 50 100]
+    python -m common.tools.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--epochs 1 50 100]
 
 A RUN_DIR is a run folder (``config.yaml`` + ``metrics.jsonl``, see common/log.py) or any folder
 above run folders (a sweep, the Tab. 1 variants, a RAFT seed folder): every run below it is used.
@@ -341,7 +341,7 @@ def draw(paths, out=None, epochs=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m common.tools.plot", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders above them (sweeps)")
     ap.add_argument("--out", help="folder for the PNG files (default: <first RUN_DIR>/figures)")
     ap.add_argument("--epochs", type=int, nargs="+", help="epochs of the W_p heat maps (Decorr Fig. 3)")
@@ -354,7 +354,7 @@ def main(argv=None):
     for w in written:
         print(w)
     if not written:
-        print("no figure applies to these runs (see python -m common.plot --help)", file=sys.stderr)
+        print("no figure applies to these runs (see python -m common.tools.plot --help)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Export a run's online encoder as a torchvision ResNet ``state_dict``.
 
-    python -m common.export runs/byol_uniform/cifar10/checkpoints/last.pt --out backbone.pt
-    python -m common.export runs/byol_uniform/cifar10 --out backbone.pt --projector projector.pt
+    python -m common.tools.export runs/byol_uniform/cifar10/checkpoints/last.pt --out backbone.pt
+    python -m common.tools.export runs/byol_uniform/cifar10 --out backbone.pt --projector projector.pt
 
 The argument is a checkpoint or a run folder (its ``checkpoints/last.pt``). ``backbone.pt`` is a plain
 ``{name: tensor}`` dict (``torch.load(path, weights_only=True)``) of the online encoder f. The encoder is
@@ -136,7 +136,7 @@ def export(ckpt, out, projector=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m common.tools.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint (.pt) or a run folder")
     ap.add_argument("--out", required=True, help="the torchvision state_dict to write, e.g. backbone.pt")
     ap.add_argument("--projector", metavar="PATH", help="also write the online projector g there")

@@ -1,9 +1,9 @@
-"""``python -m common.results TABLE_FILE``: run every cell of a results table for every seed, then write the table.
+"""``python -m common.tools.results TABLE_FILE``: run every cell of a results table for every seed, then write the table.
 
-    python -m common.results configs/fashion_mnist.table                        # all cells, 3 seeds: hours
-    python -m common.results configs/fashion_mnist.table --cells byol msbreg --seeds 0   # a part of it
-    python -m common.results configs/fashion_mnist.table --no-run               # the table of what is done
-    python -m common.results configs/fashion_mnist.table --cells byol --seeds 0 --out runs/fm_rerun  # again
+    python -m common.tools.results configs/fashion_mnist.table                        # all cells, 3 seeds: hours
+    python -m common.tools.results configs/fashion_mnist.table --cells byol msbreg --seeds 0   # a part of it
+    python -m common.tools.results configs/fashion_mnist.table --no-run               # the table of what is done
+    python -m common.tools.results configs/fashion_mnist.table --cells byol --seeds 0 --out runs/fm_rerun  # again
 
 The table file (YAML) names the cells and the real command of each::
 
@@ -198,7 +198,7 @@ def write(t, rows, out_dir, table_path):
         m, s = r[k]
         return "—" if m is None else (f"{fmt.format(m)} ± {fmt.format(s)}" if r["n"] > 1 else fmt.format(m))
 
-    lines = [f"Made by `python -m common.results {table_path}` (mean ± sample std over the seeds; "
+    lines = [f"Made by `python -m common.tools.results {table_path}` (mean ± sample std over the seeds; "
              f"OMP_NUM_THREADS={t['threads']}).", "",
              "| cell | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " | > random + 3σ (kNN, lin.) |",
              "|---|---" + "|---" * len(COLUMNS) + "|---|"]

@@ -1,8 +1,8 @@
 """The two baselines of a results table, with the method scripts' bookkeeping (``common.run.Run``): the same run
 folder, resume, evaluation and ``summary.json`` keys as a method's run.
 
-    python -m common.baselines --config configs/baselines/fashion_mnist_supervised.yaml
-    python -m common.baselines --config configs/baselines/fashion_mnist_random.yaml --set seed=1
+    python -m common.tools.baselines --config configs/baselines/fashion_mnist_supervised.yaml
+    python -m common.tools.baselines --config configs/baselines/fashion_mnist_random.yaml --set seed=1
 
 ``baseline: supervised``  the ceiling: the encoder f and a linear classifier trained with the labels
                           (cross-entropy over both views, one forward) on the views the SSL scripts train on
