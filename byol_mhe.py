@@ -57,12 +57,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import data, dist
-from common.augment import ViewMaker
+from common import dist
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.models import Online, maybe_compile
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "byol_mhe"
@@ -211,8 +210,7 @@ def byol_mhe_loss(model, target, x1, x2, layers, mhe):
 def train(cfg):
     cfg = check_mhe(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the two BYOL views, made on the training device
+    views = run.views(2)  # the two BYOL views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q; the EMA target (f, g); the MHE layers (Eq. 10); LARS, lr scaled by the global batch
@@ -224,18 +222,24 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views,
-              extra_metrics=lambda f_test: energies(online, cfg.mhe.layers, cfg.mhe.power))  # each layer's E_s
+    def diagnostics(f_test):  # at each evaluation: every layer's E_s (Eq. 8 / 11), the weights' own
+        return energies(online, cfg.mhe.layers, cfg.mhe.power)
+    run.start(online.f, diagnostics, online=online, target=target, optimizer=opt, views=views)  # resume, or init
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):
-            loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
-            run.backward(loss)
-        if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
-            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-            run.step_done(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard, checkpoints, stops
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):
+                loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
+                run.backward(loss)
+            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+                lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, online)
+                tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
+        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and each layer's E_s
+            run.evaluate(diagnostics)
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
     run.finish({"mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers, "mhe_weight": cfg.mhe.weight})
 
 

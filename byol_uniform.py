@@ -39,13 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import data, dist
-from common.augment import ViewMaker
+from common import dist
 from common.config import parse
 from common.ema import EMA, tau_at
 from common.evaluate import uniformity
 from common.models import Online, maybe_compile
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "byol_uniform"
@@ -92,8 +91,7 @@ def byol_uniform_loss(model, target, x1, x2, loss_cfg):
 # --------------------------------------------------------------------------- training
 def train(cfg):
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the two BYOL views, made on the training device
+    views = run.views(2)  # the two BYOL views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q; the EMA target (f, g); LARS with the lr scaled by the global batch
@@ -104,18 +102,23 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views)
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):
-            loss, logs = byol_uniform_loss(model, target, x1, x2, cfg.loss)  # (Eq. 7)
-            run.backward(loss)
-        if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
-            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-            run.step_done(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard, checkpoints, stops
-    run.finish({"lambda_uni": cfg.loss.lambda_uni})
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):
+                loss, logs = byol_uniform_loss(model, target, x1, x2, cfg.loss)  # (Eq. 7)
+                run.backward(loss)
+            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+                lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, online)
+                tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
+        if run.eval_due():  # every eval.every epochs and the last: kNN and diagnostics, logged
+            run.evaluate()
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+    run.finish({"lambda_uni": cfg.loss.lambda_uni})  # final evaluation, linear probe, summary.json
 
 
 if __name__ == "__main__":

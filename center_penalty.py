@@ -47,7 +47,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data, dist, log
-from common.augment import ViewMaker
 from common.config import UserError, parse
 from common.evaluate import apply_eval, center_vector_norm, extract_features, feature_std, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
@@ -287,8 +286,7 @@ def train(cfg):
     if cfg.data.name == "toy2d":
         return train_toy(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    views = run.views(2)  # the two views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g (and h for SimSiam); no EMA target; SGD as SimSiam (the predictor's lr may be fixed)
@@ -297,19 +295,24 @@ def train(cfg):
     opt = optimizer(cfg, online, peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, optimizer=opt, views=views,  # at each evaluation: ||s|| of the test set's z
-              extra_metrics=lambda f_test: {"s_norm_test": center_vector_norm(apply_eval(online.g, f_test)).item()})
+    def diagnostics(f_test):  # at each evaluation: ||s|| of the test images' outputs z
+        return {"s_norm_test": center_vector_norm(apply_eval(online.g, f_test)).item()}
+    run.start(online.f, diagnostics, online=online, optimizer=opt, views=views)  # resume, or kNN at init
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):
-            loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
-            run.backward(loss)
-        if last_micro:  # the optimizer step (lr: cosine; SimSiam's predictor may keep its lr); no target network
-            lr = set_lrs(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr), peak_lr,
-                         cfg.simsiam.fix_pred_lr)
-            run.optimizer_step(opt, online)
-            run.step_done(loss, logs, lr=lr)  # ||s|| every step; NaN guard, checkpoints, stops
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):
+                loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
+                run.backward(loss)
+            if last_micro:  # the optimizer step (lr: cosine; SimSiam's predictor may keep its lr); no target network
+                lr = set_lrs(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr), peak_lr,
+                             cfg.simsiam.fix_pred_lr)
+                run.optimizer_step(opt, online)
+                run.end_step(loss, logs, lr=lr)  # ||s|| every step; NaN guard; a stop asked: last.pt, exit
+        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and ||s|| of z
+            run.evaluate(diagnostics)
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
     run.finish({"variant": cfg.loss.variant})
 
 

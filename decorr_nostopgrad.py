@@ -20,7 +20,7 @@ How we compute it (exactly Eq. 19, arranged for speed and DDP):
   expanded so that only n' x n' Gram matrices and one ||W_pᵀW_p||_F² per step are formed
   (``correlation_term``).
 - Sample j of the global batch belongs to partition j mod k. Rank r of W processes holds global
-  positions r, r+W, ... (common.dist.sampler), so when W divides k each device computes k/W
+  positions r, r+W, ... (common.loaders.ResumableSampler), so when W divides k each device computes k/W
   partitions on its own samples (§4.4: "compute each partitioned term separately on a single
   computational node"); otherwise the predictions are gathered (differentiable) first.
   The standardisation statistics are summed over processes with differentiable all-reduces
@@ -67,12 +67,11 @@ import sys
 import torch
 import torch.nn as nn
 
-from common import checkpoint, data, dist
-from common.augment import ViewMaker
+from common import checkpoint, dist
 from common.config import UserError, parse
 from common.evaluate import apply_eval, feature_std
 from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "decorr_nostopgrad"
@@ -266,8 +265,7 @@ def train(cfg):
         raise UserError(f"loss.partitions={cfg.loss.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
                         "(equal partitions, Decorr §4.4)")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    views = run.views(2)  # the two views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g, W_p, no target network; LARS with base 0.3 x batch/256 for the whole model (§5.1)
@@ -276,17 +274,23 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, optimizer=opt, views=views,
-              extra_metrics=lambda f_test: diagnostics(online, run, cfg, f_test))
+    def diag(f_test):  # at each evaluation: the collapse indicators; every diag.wp_every epochs W_p (Fig. 3-4)
+        return diagnostics(online, run, cfg, f_test)
+    run.start(online.f, diag, online=online, optimizer=opt, views=views)  # resume, or kNN at init
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):
-            loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
-            run.backward(loss)
-        if last_micro:  # the optimizer step (lr: warm-up, then cosine); no target network
-            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-            run.step_done(loss, logs, lr=lr)  # metrics, NaN guard, checkpoints, stops
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):
+                loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
+                run.backward(loss)
+            if last_micro:  # the optimizer step (lr: warm-up, then cosine); no target network
+                lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, online)
+                run.end_step(loss, logs, lr=lr)  # metrics, NaN guard; a stop asked: last.pt, exit
+        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and Decorr's own
+            run.evaluate(diag)
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
     run.finish({"collapse_floor": cfg.diag.collapse_floor})
 
 

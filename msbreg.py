@@ -40,13 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import data, dist
-from common.augment import ViewMaker
+from common import dist
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
 from common.evaluate import apply_eval, extract_features, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "msbreg"
@@ -180,8 +179,7 @@ def train(cfg):
     if not cfg.loss.centroid and K != 2:
         raise UserError(f"loss.K={K} with loss.centroid=false: BYOL's Eq. 1 is for K = 2 views")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, K, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # K views per image, made on the training device
+    views = run.views(K)  # K views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
     noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, run.device)  # the same stream on every rank
 
@@ -193,19 +191,25 @@ def train(cfg):
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views, noise=noise,
-              extra_metrics=lambda f_test: singular_values(online, f_test, cfg.loss.s_normalized))
+    def diagnostics(f_test):  # at each evaluation: Eq. 5-7 on the predictions of the test images
+        return singular_values(online, f_test, cfg.loss.s_normalized)
+    run.start(online.f, diagnostics, online=online, target=target, optimizer=opt, views=views, noise=noise)
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        xs = views(batch)
-        n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
-        with run.micro_step(model, last_micro):
-            loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
-            run.backward(loss)
-        if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
-            lr = run.optimizer_step(opt, online, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-            run.step_done(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard, checkpoints, stops
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            xs = views(batch)
+            n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
+            with run.autocast(model, sync=last_micro):
+                loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
+                run.backward(loss)
+            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+                lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, online)
+                tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
+        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and the singular values
+            run.evaluate(diagnostics)
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
     majority = knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k) \
         if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
     run.finish({"K": K, **majority})

@@ -58,13 +58,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import data, dist
-from common.augment import ViewMaker
+from common import dist
 from common.config import parse
 from common.ema import EMA, tau_at
 from common.evaluate import uniformity
 from common.models import Online, maybe_compile, mlp
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "raft"
@@ -200,8 +199,7 @@ class EpochMeans:
 def train(cfg):
     lc = cfg.loss
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the two views, made on the training device
+    views = run.views(2)  # the two views of each image, made on the training device
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q and the mean teacher (f, g): a copy, or an independent draw (model.same_init)
@@ -214,21 +212,25 @@ def train(cfg):
     maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
     model = dist.ddp(online, run.device)
     tab1 = EpochMeans(run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views, tab1=tab1,
-              epoch_end=lambda: tab1.epoch_end(run.epoch))
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views, tab1=tab1)  # resume, or init
 
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):
-            loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
-            run.backward(loss)  # Alg. 1 line 10
-        tab1.add(logs)
-        if last_micro:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
-            constant = cfg.optim.schedule == "constant"
-            lr = run.optimizer_step(opt, online, peak_lr if constant else lr_at(run.step, run.total_steps,
-                                                                                run.warmup_steps, peak_lr))
-            tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-            run.step_done(loss, {k: logs[k] for k in ("loss_align", "loss_cross")}, lr=lr, tau=tau)
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):
+                loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
+                run.backward(loss)  # Alg. 1 line 10
+            tab1.add(logs)
+            if last_micro:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
+                lr = set_lr(opt, peak_lr if cfg.optim.schedule == "constant" else
+                            lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, online)
+                tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
+                run.end_step(loss, {k: logs[k] for k in ("loss_align", "loss_cross")}, lr=lr, tau=tau)
+        run.log(tab1.epoch_end(run.epoch))  # Tab. 1's L_align(q∘f) and L_uniform(f), this epoch's means
+        if run.eval_due():  # every eval.every epochs and the last: kNN and diagnostics, logged
+            run.evaluate()
+        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
     run.finish({"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
                 "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
                 "seed": cfg.seed, **tab1.last10()})

@@ -5,7 +5,7 @@ inherit that file's values and override some of them.
 
 Resolution order (later wins)::
 
-    BASE defaults  <-  the script's METHOD defaults  <-  data.PRESETS[data.name]
+    BASE defaults  <-  the script's METHOD defaults  <-  PRESETS[data.name]
                    <-  --config FILE.yaml            <-  --set key.sub=value ...
 
 Strict: every key of the file and of ``--set`` must exist in the defaults, its
@@ -65,6 +65,21 @@ class Cfg(dict):
 
 
 REQUIRED = "???"
+
+# The datasets ``common.data`` loads by name (``toy2d``: center_penalty.py's points), and each one's partial config,
+# merged between the defaults and the user's file.
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder", "toy2d")
+NO_BLUR = {"blur_p": [0.0, 0.0]}  # small images: no blur (CIFAR: BYOL-MHE §3.5, App. B.2)
+PRESETS = {
+    "synthetic": {"data": {"image_size": 32}, "augment": NO_BLUR},
+    "cifar10": {"data": {"image_size": 32}, "augment": NO_BLUR},
+    "cifar100": {"data": {"image_size": 32}, "augment": NO_BLUR},
+    "stl10": {"data": {"image_size": 96}},
+    "imagenet": {"data": {"image_size": 224}},
+    "imagenet100": {"data": {"image_size": 224}},
+    "fashion_mnist": {"data": {"image_size": 28}, "augment": NO_BLUR},
+    "folder": {},  # your images: set data.image_size (default 32); BYOL's blur unless augment.blur_p says otherwise
+}
 
 # Defaults shared by every method script. Each script adds/overrides its own.
 BASE = {
@@ -154,8 +169,7 @@ BASE = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
-    "data.name": ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder",
-                  "toy2d"),
+    "data.name": DATASETS,
     "augment.path": ("batched", "cpu", "hybrid"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.norm": ("bn", "gn", "ln", "none"),
@@ -342,8 +356,6 @@ def parse(argv, method_defaults=None, method_choices=None, method="run"):
 
 
 def _parse(argv, method_defaults=None, method_choices=None, method="run"):
-    from common.data import PRESETS  # dataset presets (image size, CIFAR: no blur)
-
     ap = argparse.ArgumentParser(description=f"{method}: see the script's docstring and README.")
     ap.add_argument("--config", help="YAML config file (keys as in the defaults)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",

@@ -1,6 +1,6 @@
 """Datasets by name, as uint8 images and integer labels.
 
-synthetic      the embedded default (SPEC §3): ten shapes, generated from a seed in memory
+synthetic      the embedded default: ten shapes, generated from a seed in memory
                (``make_synthetic``); no files, no download.
 cifar10/100    torchvision CIFAR10/CIFAR100 in ``root/cifar-10-batches-py``, ``root/cifar-100-python``.
 stl10          torchvision STL10 in ``root/stl10_binary``; "ssl" is unlabeled + train (labels -1 / 0..9).
@@ -40,22 +40,8 @@ import torchvision
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common import dist
-from common.config import UserError
+from common.config import DATASETS, UserError
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "fashion_mnist", "folder")
-
-# Per-dataset partial config, merged between the defaults and the user's file.
-NO_BLUR = {"blur_p": [0.0, 0.0]}  # small images: no blur (CIFAR: BYOL-MHE §3.5, App. B.2)
-PRESETS = {
-    "synthetic": {"data": {"image_size": 32}, "augment": NO_BLUR},
-    "cifar10": {"data": {"image_size": 32}, "augment": NO_BLUR},
-    "cifar100": {"data": {"image_size": 32}, "augment": NO_BLUR},
-    "stl10": {"data": {"image_size": 96}},
-    "imagenet": {"data": {"image_size": 224}},
-    "imagenet100": {"data": {"image_size": 224}},
-    "fashion_mnist": {"data": {"image_size": 28}, "augment": NO_BLUR},
-    "folder": {},  # your images: set data.image_size (default 32); BYOL's blur unless augment.blur_p says otherwise
-}
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _STATS = {  # per-channel (mean, std) of the training images, in [0, 1] units
     "synthetic": ((0.3879, 0.3967, 0.5171), (0.2500, 0.1017, 0.1634)),  # measured: 10k images, 32x32, seed 0
@@ -72,19 +58,13 @@ VAL_DEFAULT, VAL_SEED = {"per_class": 0.1}, 0
 
 
 def stats(data):
-    """Per-channel (mean, std) in [0, 1] units of dataset ``data``: a name or a data config.
-
-    ``folder``: ``data.mean``/``data.std`` when given, else computed once over the training images and
-    cached (``folder_stats``); by name, that of the folder dataset this process loaded (``load``)."""
+    """Per-channel (mean, std) in [0, 1] units of dataset ``data``: a name or a data config (``folder``: the
+    config's ``data.mean``/``data.std`` when given, else computed once over its training images and cached)."""
     name = data["name"] if isinstance(data, Mapping) else data
     _check_name(name)
-    if name != "folder":
-        return _STATS[name]
-    if isinstance(data, Mapping):
-        return folder_stats(data)
-    if _LOADED_FOLDER is None:
-        raise ValueError("stats('folder'): call load(data_cfg, ...) first, or pass the data config")
-    return folder_stats(_LOADED_FOLDER)
+    if name == "folder" and not isinstance(data, Mapping):
+        raise ValueError("stats: a folder dataset's statistics need its data config (data.root, data.mean/std)")
+    return folder_stats(data) if name == "folder" else _STATS[name]
 
 
 def num_classes(data_cfg):
@@ -95,8 +75,9 @@ def num_classes(data_cfg):
 
 
 def _check_name(name):
-    if name not in DATASETS:
-        raise UserError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in _STATS and name != "folder":
+        images = [n for n in DATASETS if n in _STATS or n == "folder"]
+        raise UserError(f"data.name: {name!r} is not an image dataset; choose one of {', '.join(images)}")
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -396,7 +377,6 @@ FOLDER_STATS_SAMPLE = 10_000
 FOLDER_EVAL_SAMPLE = 2048
 STATS_FILE = ".onefile-ssl-stats.json"
 _FOLDER_CACHE, _SAID = {}, set()
-_LOADED_FOLDER = None  # the data config of the last folder dataset loaded here (for stats("folder"))
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -507,8 +487,6 @@ def _subset(ds, idx, transform, labels=None):
 
 
 def _load_folder(d, split, transform):
-    global _LOADED_FOLDER
-    _LOADED_FOLDER = d
     root = os.path.abspath(d["root"])
     classes, _, train = _folder_images(os.path.join(root, "train"), "train")
     everything = torch.arange(len(train))

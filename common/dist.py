@@ -10,9 +10,10 @@
 - ``dist.nproc: N`` spawns N local processes (``torch.multiprocessing``);
 - otherwise one process, no process group.
 
-NCCL on CUDA, Gloo on CPU. Each rank seeds ``seed + rank`` for its data and
-augmentation randomness; models are built from the same seed on every rank and
-DDP broadcasts rank 0's weights anyway. ``all_gather_grad`` concatenates a
+NCCL on CUDA, Gloo on CPU. Models are built from ``seed`` on every rank (DDP
+broadcasts rank 0's weights anyway); each rank's augmentations draw from
+``rank_seed(seed)``; the data order is the seeded sampler's, the same for any
+number of ranks (``common.loaders``). ``all_gather_grad`` concatenates a
 tensor over ranks and keeps the gradient path, so a loss over batch statistics
 (uniformity, covariance, centre vector) sees the global batch; with DDP's
 gradient averaging the result equals the one-process gradient (each rank's
@@ -150,8 +151,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rank_seed(seed):
+    """The seed of this rank's own random streams (the training views, the paper probe's crops): ``seed + 1000 *
+    rank``, so that no two ranks draw the same augmentations. (The models' initial weights use ``seed`` itself, the
+    same on every rank.)"""
+    return seed + 1000 * rank()
+
+
 class _AllGather(torch.autograd.Function):
-    """Forward: concatenate every rank's ``x``. Backward: sum the gradients of all ranks, keep ours."""
+    """Forward: concatenate every rank's ``x``. Backward: sum the gradients of all ranks, keep ours.
+
+    Our own, not ``torch.distributed.nn.functional.all_gather``: that module is deprecated since torch 2.14 (a
+    FutureWarning at every call), and its replacement, ``_functional_collectives.all_gather_tensor_autograd``,
+    aborts the process on Gloo (torch 2.14.1)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -177,9 +189,7 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _AllReduce.forward(ctx, grad)
 
 
 def all_gather_grad(x):
@@ -290,16 +300,6 @@ def ddp(module, device):
 
 def unwrap(module):
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-def sampler(dataset, shuffle, seed, drop_last=True):
-    """Sampler giving this rank its share of each (seeded, per-epoch) permutation.
-
-    With the same seed the global batch of step t is the same set of images for any
-    number of ranks (rank r takes positions r, r+W, ... of the permutation).
-    """
-    return torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(),
-                                               shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 def _free_port():

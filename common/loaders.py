@@ -146,7 +146,7 @@ def eval_loaders(cfg):
                             "processes")
         local = e.linear_batch_size // world
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
-        maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed + 1000 * dist.rank())
+        maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), dist.rank_seed(cfg.seed))
         train = load(d, "train")
         if cfg.augment.path != "batched":
             train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)

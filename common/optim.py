@@ -5,10 +5,10 @@
   ``v <- m*v + g``; ``w <- w - lr*v``. Parameter groups with ``lars_exclude=True``
   (biases and normalisation parameters: every 1-D parameter) skip both the
   weight decay and the adaptation, i.e. they get plain momentum SGD.
-- ``build(cfg.optim, modules)``: LARS / SGD / Adam / AdamW over those groups,
-  with ``lr = base * batch_size * accum_steps / 256`` (Goyal et al.; the global
-  batch of one optimizer step) unless ``lr_scaling: none``. A paper that scales
-  by more (MSBReg: x K views) passes ``lr_factor``.
+- ``build(cfg.optim, groups, lr)``: LARS / SGD / Adam / AdamW over the groups of
+  ``param_groups``, at the peak lr of ``scaled_lr(cfg.optim)``: ``base * batch_size *
+  accum_steps / 256`` (Goyal et al.; the global batch of one optimizer step) unless
+  ``lr_scaling: none``. A paper that scales by more (MSBReg: x K views) passes ``lr_factor``.
 - ``lr_at(step, ...)``: linear warm-up then cosine decay to 0, per step.
   ``set_lr`` applies it, honouring a group's ``lr_mult`` (e.g. SimSiam's predictor).
 """
@@ -83,5 +83,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, final_lr=0.0):
 
 
 def set_lr(optimizer, lr):
+    """Set every group's lr to ``lr`` (times the group's ``lr_mult``); returns ``lr``."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
+    return lr

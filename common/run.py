@@ -1,22 +1,26 @@
 """The run's bookkeeping around a method script's training loop, written once.
 
-A script's ``train(cfg)`` shows the method (views, forward, loss, backward, optimizer step, EMA) and
-calls a ``Run`` for everything else::
+A script's ``train(cfg)`` shows the method (views, forward, loss, backward, optimizer step, EMA) and where
+each step and each epoch ends; a ``Run`` does the bookkeeping at those points::
 
-    run = Run(cfg, METHOD)                     # run folder (locked), logger, resume state, seeds, signals
-    loader = run.loader(views)                 # this rank's SSL batches
-    online = run.to_device(Online(cfg.model))  # SyncBN over processes, device, memory format
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume or random-init kNN
-    for batch, last_micro in run.batches(loader):  # epochs, accumulation groups, evaluation, checkpoints
-        x1, x2 = views(batch)
-        with run.micro_step(model, last_micro):    # autocast; DDP no_sync inside an accumulation group
-            loss, logs = method_loss(...)
-            run.backward(loss)                     # loss / accum_steps (GradScaler under fp16)
-        if not last_micro:
-            continue
-        set_lr(opt, lr_at(run.step, ...)); run.optimizer_step(opt, online); ema.update(...)
-        run.step_done(loss, logs)                  # metrics, NaN guard, step checkpoints, stops
-    run.finish({...})                              # final kNN + linear probe, summary.json
+    run = Run(cfg, METHOD)                       # run folder (locked), resume state, seeds, signal handlers
+    views = run.views(2)                         # the augmented views, made on the training device
+    loader = run.loader(views)                   # this rank's SSL batches; the evaluation sets
+    online = run.to_device(Online(cfg.model))    # SyncBN over processes, device, memory format
+    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
+    for epoch in run.epochs():                   # from the resumed epoch on
+        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro ends a group
+            x1, x2 = views(batch)
+            with run.autocast(model, sync=last_micro):  # precision; DDP all-reduces on a group's last
+                loss, logs = method_loss(...)
+                run.backward(loss)                     # loss / accum_steps (GradScaler under fp16)
+            if last_micro:
+                lr = set_lr(opt, lr_at(run.step, ...)); run.optimizer_step(opt, online); ema.update(...)
+                run.end_step(loss, logs, lr=lr)        # count, metrics, NaN guard; stops here if asked
+        if run.eval_due():
+            run.evaluate()                             # kNN and diagnostics of the frozen encoder, logged
+        run.end_epoch()                                # checkpoints; stops here if asked
+    run.finish({...})                                  # final evaluation, linear probe, summary.json
 
 Guarantees: a run stopped at any step (a kill, a signal, ``checkpoint.stop_after_step``, an epoch's last
 step included) resumes with ``resume=auto`` to the tensors of the uninterrupted run; the evaluation and
@@ -33,7 +37,7 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -43,7 +47,6 @@ from common import checkpoint, data, dist, loaders, log
 from common.augment import MultiViewDataset, ViewMaker
 from common.config import UserError
 from common.evaluate import final_linear_eval, monitor
-from common.optim import set_lr
 
 EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=auto continues
 ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
@@ -71,14 +74,22 @@ class Run:
                                   "summary.json); nothing to do: set name=... for a new run")
         dist.seed_everything(cfg.seed)  # the same initial weights on every rank
         self.accum, self._signal, self.logger = cfg.optim.accum_steps, None, None
-        self.c = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, images=0, train_s=0.0, wall_s=0.0,
-                      config_changes=[])
-        self._saved = (self._ckpt, self.state["counters"]["step"]) if self.state else None  # the last good one
-        self._ok = torch.ones((), dtype=torch.bool, device=self.device)  # loss finite so far (on the device)
-        self._t_start, self._evaluated, self._stop = time.time(), None, False
+        # what a checkpoint's "counters" hold: the position, the random-init kNN, throughput, time, changes
+        self.counters = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, images=0, train_s=0.0, wall_s=0.0,
+                             config_changes=[])
+        self._last_saved = (self._ckpt, self.state["counters"]["step"]) if self.state else None  # path, step
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite (on device)
+        self._t_start, self._last_eval = time.time(), None  # (epoch, metrics) of the last evaluation
         self._install_signal_handlers()
 
     # ------------------------------------------------------------------ set-up
+    def views(self, n_views):
+        """The ``n_views`` augmented views of each image (``augment``), on the training device, drawn from this
+        rank's own stream (``dist.rank_seed``)."""
+        cfg = self.cfg
+        return ViewMaker(cfg.augment, n_views, cfg.data.image_size, *data.stats(cfg.data), self.device,
+                         dist.rank_seed(cfg.seed))
+
     def loader(self, views):
         """This rank's SSL batches (``loaders.train_loader``); fixes the steps per epoch and the eval sets."""
         cfg = self.cfg
@@ -101,15 +112,11 @@ class Run:
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
         return module.to(self.device, memory_format=fmt)
 
-    def start(self, encoder, extra_metrics=None, epoch_end=None, **objects):
-        """Remember what a checkpoint holds (``objects``: anything with ``state_dict``), then restore them from
-        the resume checkpoint, or log the kNN of the random-init ``encoder`` (the baseline SSL must beat).
-
-        ``extra_metrics(f_test)``: the script's own metrics at each evaluation (every rank calls it), given the
-        encoder's features of the test images that ``monitor`` extracted (the whole set, on every rank);
-        ``epoch_end()``: metrics logged at the end of every epoch."""
+    def start(self, encoder, diagnostics=None, **objects):
+        """Remember the evaluated ``encoder`` and what a checkpoint holds (``objects``: anything with
+        ``state_dict``), then restore them from the resume checkpoint, or log the kNN of the random-init encoder
+        (the baseline SSL must beat) with the script's ``diagnostics(f_test)`` (called now, not kept)."""
         self.encoder, self.objects, self._started = encoder, objects, True
-        self._extra, self._epoch_end = extra_metrics or (lambda f_test: {}), epoch_end or dict
         step = self.state["counters"]["step"] if self.state else None
         self.logger = log.Logger(self.dir, dist.is_main(), resume_step=step)  # (a fresh run: old records aside)
         if self.state:
@@ -119,58 +126,58 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         if self.state:
-            self.c.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
+            self.counters.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
             if self._changes:  # resume_allow_changes: recorded in metrics.jsonl and summary.json
-                self.c["config_changes"] = self.c["config_changes"] + [{"step": self.step, **self._changes}]
-                self.logger.log({"step": self.step, "epoch": self.epoch, "config_changed": self._changes})
+                self.counters["config_changes"] = self.counters["config_changes"] + [{"step": self.step,
+                                                                                     **self._changes}]
+                self.log({"config_changed": self._changes})
             self.state = None
         else:
             k = self.cfg.eval.knn_k[0]
             out, f_test = monitor(encoder, self.eval_sets, self.device, self.cfg.eval, test_features=True)
-            self.c["knn_init"] = out[f"knn{k}"]
-            self.logger.log({"step": 0, "epoch": 0, f"knn{k}_init": self.c["knn_init"], **self._extra(f_test)})
+            self.counters["knn_init"] = out[f"knn{k}"]
+            self.log({f"knn{k}_init": out[f"knn{k}"], **(diagnostics(f_test) if diagnostics else {})})
 
     @property
     def step(self):
-        return self.c["step"]
+        """Optimizer steps done."""
+        return self.counters["step"]
 
     @property
     def epoch(self):
-        return self.c["epoch"]
+        """Epochs done (during an epoch: the index of the one running)."""
+        return self.counters["epoch"]
 
     # ------------------------------------------------------------------ the loop
-    def batches(self, loader):
-        """Yield ``(batch, last_micro)`` for the rest of the run: every epoch from the resumed position (the
-        batches a checkpoint has consumed are skipped; an incomplete last accumulation group is dropped);
-        ``last_micro`` is true on the forward that completes an accumulation group (optimizer step due).
-        At each epoch's end: ``epoch_end`` metrics, evaluation (``eval.every``), checkpoints
-        (``checkpoint.every``, ``keep_every``). Raises ``dist.Stopped`` when a stop was asked for."""
-        c, cfg, per_epoch = self.c, self.cfg, self.steps_per_epoch * self.accum
-        while c["epoch"] < cfg.optim.epochs:
-            self._sampler.set_epoch(c["epoch"])
-            self._sampler.skip_batches = c["batch_in_epoch"]
-            t0 = time.time()
-            if c["batch_in_epoch"] < per_epoch:  # (a run stopped at an epoch's last step resumes at its end)
-                for batch, _ in self.logger.progress(loader, len(loader), f"epoch {c['epoch']}"):
-                    if c["batch_in_epoch"] == per_epoch:
-                        break
-                    c["batch_in_epoch"] += 1
-                    c["images"] += self._local_batch * dist.world_size()
-                    yield batch, c["batch_in_epoch"] % self.accum == 0
-                    if self._stop:
-                        c["train_s"] += time.time() - t0
-                        self._stop_now()
-            c["train_s"] += time.time() - t0
-            c["epoch"], c["batch_in_epoch"] = c["epoch"] + 1, 0
-            self._end_of_epoch()
-            if self._stop_asked():
-                self._stop_now()
+    def epochs(self):
+        """The index of each epoch still to run, from the resumed one to ``optim.epochs - 1``."""
+        while self.epoch < self.cfg.optim.epochs:
+            yield self.epoch
 
-    def micro_step(self, model, last_micro):
-        """Context of one forward/backward: autocast (``precision``), and ``model.no_sync()`` on the forwards of
-        an accumulation group that do not end it (DDP then all-reduces the gradients once per step)."""
+    def batches(self, loader):
+        """Yield ``(batch, last_micro)`` for the rest of this epoch: from the resumed position (the batches a
+        checkpoint has consumed are skipped; an incomplete last accumulation group is dropped); ``last_micro``
+        is true on the forward that completes an accumulation group (an optimizer step is due). When all are
+        consumed the epoch is done (``run.epoch`` + 1)."""
+        c, per_epoch = self.counters, self.steps_per_epoch * self.accum
+        self._sampler.set_epoch(c["epoch"])
+        self._sampler.skip_batches = c["batch_in_epoch"]
+        self._t_epoch = time.time()
+        if c["batch_in_epoch"] < per_epoch:  # (a run stopped at an epoch's last step resumes at its end)
+            for batch, _ in self.logger.progress(loader, len(loader), f"epoch {c['epoch']}"):
+                if c["batch_in_epoch"] == per_epoch:
+                    break
+                c["batch_in_epoch"] += 1
+                c["images"] += self._local_batch * dist.world_size()
+                yield batch, c["batch_in_epoch"] % self.accum == 0
+        c["train_s"] += time.time() - self._t_epoch
+        c["epoch"], c["batch_in_epoch"] = c["epoch"] + 1, 0
+
+    def autocast(self, model, sync):
+        """Context of one forward/backward: autocast (``precision``); ``model.no_sync()`` unless ``sync`` (the
+        forwards inside an accumulation group: DDP then all-reduces the gradients once, on the group's last)."""
         stack = ExitStack()
-        if not last_micro and dist.world_size() > 1:
+        if not sync and dist.world_size() > 1:
             stack.enter_context(model.no_sync())
         stack.enter_context(torch.autocast(self.device.type, self._amp_dtype, enabled=self.cfg.precision != "fp32"))
         return stack
@@ -179,68 +186,78 @@ class Run:
         """Gradients of ``loss / accum_steps``, summed over the group (scaled by the GradScaler under fp16)."""
         self.scaler.scale(loss / self.accum).backward()
 
-    def optimizer_step(self, optimizer, model, lr=None):
-        """Set ``lr`` (if given; returns it), clip (``optim.clip_grad``), step (through the GradScaler: skipped
-        on inf gradients under fp16), zero the gradients."""
-        if lr is not None:
-            set_lr(optimizer, lr)
+    def optimizer_step(self, optimizer, model):
+        """Clip (``optim.clip_grad``), step (through the GradScaler: skipped on inf gradients under fp16), zero
+        the gradients."""
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return lr
 
-    def step_done(self, loss, logs=None, **scalars):
-        """Count the optimizer step; every ``log.every`` steps log the mean over ranks of ``loss`` and ``logs``
-        (tensors) with ``scalars`` (lr, tau) and check that they are finite; write ``last.pt`` every
-        ``checkpoint.every_steps``; stop here on a signal or at ``checkpoint.stop_after_step``."""
-        c, cfg, logs = self.c, self.cfg, {**(logs or {}), **scalars}
+    def end_step(self, loss, logs=None, **scalars):
+        """The end of an optimizer step: count it; every ``log.every`` steps log the mean over ranks of ``loss``
+        and ``logs`` (tensors) with ``scalars`` (lr, tau) and check that they are finite (the NaN guard); write
+        ``last.pt`` every ``checkpoint.every_steps``. Then, if a stop was asked (a signal on any rank, or
+        ``checkpoint.stop_after_step``): ``last.pt``, and the run ends here (``dist.Stopped``)."""
+        c, cfg, logs = self.counters, self.cfg, {**(logs or {}), **scalars}
         c["step"] += 1
-        self._ok &= torch.isfinite(loss.detach()).all()
+        self._finite &= torch.isfinite(loss.detach()).all()
         if c["step"] % cfg.log.every == 0 or c["step"] == self.total_steps:
             names = [k for k, v in logs.items() if torch.is_tensor(v)]
             vals = torch.stack([loss.detach().float(), *(logs[k].detach().float() for k in names),
-                                self._ok.float()])
+                                self._finite.float()])
             vals = dist.all_reduce_mean(vals).tolist()
             if vals[-1] < 1 or any(v != v or abs(v) == float("inf") for v in vals[:-1]):
                 self._diverged(vals[0])
-            self.logger.log({"step": c["step"], "epoch": c["epoch"], "loss": vals[0], **dict(zip(names, vals[1:])),
-                             **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
+            self.log({"loss": vals[0], **dict(zip(names, vals[1:])),
+                      **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
         if cfg.checkpoint.every_steps and c["step"] % cfg.checkpoint.every_steps == 0:
             self.save("last.pt")
-        self._stop = self._stop_asked()
+        if self._stop_asked():
+            c["train_s"] += time.time() - self._t_epoch
+            self._t_epoch = time.time()
+            self._stop()
 
     # ------------------------------------------------------------------ end of epoch, end of run
-    def evaluate(self):
-        """Metrics of the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
-        alignment of two fixed views of fixed images, and the script's ``extra_metrics``."""
+    def eval_due(self):
+        """Is an evaluation due at the end of this epoch: every ``eval.every`` epochs, and after the last?"""
+        every = self.cfg.eval.every
+        return self.epoch == self.cfg.optim.epochs or bool(every and self.epoch % every == 0)
+
+    def evaluate(self, diagnostics=None):
+        """Evaluate the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
+        alignment of two fixed views of fixed images, and the script's ``diagnostics(f_test)`` on the test
+        images' encoder features; logged, printed, and returned."""
         out, f_test = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval,
                               views=self._alignment_views(), test_features=True)
-        return {**out, **self._extra(f_test)}
+        metrics = {**out, **(diagnostics(f_test) if diagnostics else {})}
+        self._last_eval = (self.epoch, metrics)
+        self.log(metrics)
+        self.logger.print(f"epoch {self.epoch} step {self.step} " + " ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k))
+        return metrics
 
-    def _end_of_epoch(self):
-        c, cfg = self.c, self.cfg
-        last = c["epoch"] == cfg.optim.epochs
-        extra = self._epoch_end()
-        if extra:
-            self.logger.log({"step": c["step"], "epoch": c["epoch"], **extra})
-        if last or (cfg.eval.every and c["epoch"] % cfg.eval.every == 0):
-            self._evaluated = (c["epoch"], self.evaluate())
-            metrics = self._evaluated[1]
-            self.logger.log({"step": c["step"], "epoch": c["epoch"], **metrics})
-            self.logger.print(f"epoch {c['epoch']} step {c['step']} " + " ".join(
-                f"{k} {v:.4g}" for k, v in {**extra, **metrics}.items() if isinstance(v, (int, float)) and "/" not in k))
-        if last or c["epoch"] % cfg.checkpoint.every == 0:
+    def log(self, metrics):
+        """One line of ``metrics.jsonl`` (rank 0) at the current step and epoch."""
+        self.logger.log({"step": self.step, "epoch": self.epoch, **metrics})
+
+    def end_epoch(self):
+        """The end of an epoch: ``last.pt`` every ``checkpoint.every`` epochs and after the last (with
+        ``epoch_XXXX.pt`` every ``checkpoint.keep_every``); then, if a stop was asked, the run ends here."""
+        c, cfg = self.counters, self.cfg
+        if c["epoch"] == cfg.optim.epochs or c["epoch"] % cfg.checkpoint.every == 0:
             self.save("last.pt")
             if cfg.checkpoint.keep_every and c["epoch"] % cfg.checkpoint.keep_every == 0:
                 self.save(f"epoch_{c['epoch']:04d}.pt")
+        if self._stop_asked():
+            self._stop()
 
     def finish(self, fields=None):
         """Final evaluation (the last epoch's, if it ran in this process), the linear probe, ``summary.json``."""
-        c, cfg = self.c, self.cfg
-        final = self._evaluated[1] if self._evaluated and self._evaluated[0] == c["epoch"] else self.evaluate()
+        c, cfg = self.counters, self.cfg
+        final = self._last_eval[1] if self._last_eval and self._last_eval[0] == c["epoch"] else self.evaluate()
         linear = final_linear_eval(self.encoder, self.eval_sets, self.device, cfg)
         wall = c["wall_s"] + time.time() - self._t_start
         self.logger.summary({"method": self.method, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
@@ -253,16 +270,16 @@ class Run:
     # ------------------------------------------------------------------ checkpoints, stops
     def save(self, name):
         """Write ``checkpoints/<name>`` (rank 0) after every rank checked that the loss and weights are finite."""
-        ok = self._ok & torch.stack([p.isfinite().all() for p in self._params()]).all()
+        ok = self._finite & torch.stack([p.isfinite().all() for p in self._params()]).all()
         if dist.all_reduce_mean(ok.float()).item() < 1:
             self._diverged(float("nan"))
         path = self.dir / "checkpoints" / name
-        self.c["wall_s"] += time.time() - self._t_start
+        self.counters["wall_s"] += time.time() - self._t_start
         self._t_start = time.time()
         if dist.is_main():
-            checkpoint.save(checkpoint.snapshot(self.cfg, self.c, self.method, scaler=self.scaler, **self.objects),
-                            path)
-        self._saved = (path, self.c["step"])
+            checkpoint.save(checkpoint.snapshot(self.cfg, self.counters, self.method, scaler=self.scaler,
+                                                **self.objects), path)
+        self._last_saved = (path, self.step)
         dist.barrier()
 
     def _params(self):
@@ -270,8 +287,9 @@ class Run:
             [torch.zeros(())]
 
     def _diverged(self, value):
-        where = (f"the last good checkpoint is {self._saved[0]} (step {self._saved[1]}): lower optim.lr and "
-                 "resume=auto" if self._saved else "no checkpoint was written before: lower optim.lr and start again")
+        where = (f"the last good checkpoint is {self._last_saved[0]} (step {self._last_saved[1]}): lower optim.lr "
+                 "and resume=auto" if self._last_saved else
+                 "no checkpoint was written before: lower optim.lr and start again")
         raise UserError(f"loss or weights are not finite ({value}) by step {self.step}: training diverged; {where}")
 
     def _install_signal_handlers(self):
@@ -290,11 +308,12 @@ class Run:
         """Did any rank get a signal, or is this ``checkpoint.stop_after_step``? The same answer on every rank."""
         return dist.any_rank(self._signal is not None) or self.step == self.cfg.checkpoint.stop_after_step
 
-    def _stop_now(self):
+    def _stop(self):
+        """Write ``last.pt`` and end the run (``dist.Stopped``; under SLURM with ``requeue``, requeue the job)."""
         self.save("last.pt")
         if self._signal is None:
             raise dist.Stopped(0, f"stopped after step {self.step} as asked (checkpoint.stop_after_step)")
-        msg = f"stopped by {self._signal or 'a signal'} after step {self.step}: {self._saved[0]} written; " \
+        msg = f"stopped by {self._signal} after step {self.step}: {self._last_saved[0]} written; " \
               "continue with resume=auto"
         if self.cfg.requeue and "SLURM_JOB_ID" in os.environ and dist.is_main():
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)

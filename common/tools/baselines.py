@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import data, dist
-from common.augment import ViewMaker
 from common.config import parse
 from common.models import maybe_compile, resnet
-from common.optim import build, lr_at, param_groups, scaled_lr
+from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 DEFAULTS = {
@@ -64,29 +63,32 @@ class WithLabels:
 
 def train(cfg):
     run = Run(cfg, cfg.baseline)  # run folder out_dir/<baseline>/<name> (locked), logger, resume, seeds, signals
-    views = ViewMaker(cfg.augment, 2, cfg.data.image_size, *data.stats(cfg.data), run.device,
-                      seed=cfg.seed + 1000 * dist.rank())  # the SSL scripts' two views
+    views = run.views(2)  # the SSL scripts' two views
     loader = WithLabels(run.loader(views))  # (also the eval sets: the kNN bank, the test set)
     model = run.to_device(Supervised(cfg.model, data.num_classes(cfg.data)))
     if cfg.baseline == "random":  # the initial encoder, evaluated as a run's end: no step, no checkpoint
         run.start(model.f, online=model)
         return run.finish({"baseline": "random"})
 
-    opt = build(cfg.optim, param_groups([model], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm),
-                scaled_lr(cfg.optim))
+    peak_lr = scaled_lr(cfg.optim)
+    opt = build(cfg.optim, param_groups([model], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     maybe_compile(model.f, cfg)
     ddp = dist.ddp(model, run.device)
     run.start(model.f, online=model, optimizer=opt, views=views)
-    for (images, labels), last_micro in run.batches(loader):
-        x1, x2 = views(images)
-        labels = labels.to(run.device)
-        with run.micro_step(ddp, last_micro):
-            loss = F.cross_entropy(ddp(torch.cat([x1, x2])).float(), torch.cat([labels, labels]))  # both views
-            run.backward(loss)
-        if last_micro:
-            lr = run.optimizer_step(opt, model, lr_at(run.step, run.total_steps, run.warmup_steps,
-                                                      scaled_lr(cfg.optim)))
-            run.step_done(loss, lr=lr)
+    for epoch in run.epochs():
+        for (images, labels), last_micro in run.batches(loader):
+            x1, x2 = views(images)
+            labels = labels.to(run.device)
+            with run.autocast(ddp, sync=last_micro):
+                loss = F.cross_entropy(ddp(torch.cat([x1, x2])).float(), torch.cat([labels, labels]))  # both views
+                run.backward(loss)
+            if last_micro:
+                lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
+                run.optimizer_step(opt, model)
+                run.end_step(loss, lr=lr)
+        if run.eval_due():
+            run.evaluate()
+        run.end_epoch()
     run.finish({"baseline": "supervised"})
 
 

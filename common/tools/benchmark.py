@@ -60,6 +60,7 @@ from common.config import BASE, Cfg, parse
 from common.ema import EMA
 from common.models import maybe_compile, resnet
 from common.optim import build, param_groups
+from common.run import Run
 
 SCRIPTS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 
@@ -149,8 +150,9 @@ def run_script(name, overrides, between=None, time_epochs=False):
                      "log.progress=false", "checkpoint.every=1000000", *overrides],
                     script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
         if between is not None:
-            stack.enter_context(mock.patch.object(script, "ViewMaker",
-                                                  functools.partial(_CachedViews, made, between(cfg))))
+            timed_views = functools.partial(_CachedViews, made, between(cfg))
+            stack.enter_context(mock.patch.object(Run, "views", lambda run, n: timed_views(
+                cfg.augment, n, cfg.data.image_size, *data.stats(cfg.data), run.device, dist.rank_seed(cfg.seed))))
         if time_epochs:
             loader = loaders.train_loader
             timed = lambda *a: (lambda ld, s: (_TimedLoader(ld, a[3], epochs), s))(*loader(*a))  # noqa: E731
