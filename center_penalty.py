@@ -38,7 +38,7 @@ Run:
 
 Deviations and the choices the paper leaves open (toy and image set-ups): configs/center_penalty/README.md.
 """
-import statistics
+import math
 import sys
 import time
 
@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import data, dist, log
+from common import dist, log
 from common.config import UserError, parse
 from common.evaluate import apply_eval, center_vector_norm, extract_features, feature_std, knn_accuracies
 from common.models import maybe_compile, mlp, resnet
@@ -75,7 +75,7 @@ DEFAULTS = {
             "b1_shift": 0.0,                # 0: augmentations centred on x; > 0: shifted by k
             "hidden": 64, "out_dim": 16, "layers": 3, "norm": "bn", "pred_hidden": 64},
 }
-CHOICES = {"loss.variant": VARIANTS, "toy.dataset": data.TOY2D, "toy.norm": ("bn", "gn", "ln", "none")}
+CHOICES = {"loss.variant": VARIANTS, "toy.dataset": ("blobs", "moons", "app_b1"), "toy.norm": ("bn", "gn", "ln", "none")}
 
 
 # --------------------------------------------------------------------------- the paper's pieces
@@ -180,13 +180,61 @@ def set_lrs(opt, lr, peak_lr, fix_pred_lr):
 
 
 # --------------------------------------------------------------------------- toy runs (§3.2, App. B.1)
+# Points, not images (data.name: toy2d): the blobs and moons of §3.2 and the App. B.1 points, generated here.
+# blob centres: radius 5, 120 degrees apart, the same for every seed (the seed draws the points)
+BLOB_CENTRES = tuple((5 * math.cos(a), 5 * math.sin(a)) for a in (math.pi / 2 + 2 * math.pi * k / 3 for k in range(3)))
+
+
+def make_blobs(n_per_class, seed, std=1.0):
+    """Three Gaussian blobs in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
+
+    Centres ``BLOB_CENTRES``; ``std`` is the spread of each coordinate; deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    x = torch.tensor(BLOB_CENTRES)[labels] + std * torch.randn(len(labels), 2, generator=g)
+    return x, labels
+
+
+def make_moons(n_per_class, seed, noise=0.1):
+    """Three interleaved half circles in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
+
+    Classes 0 and 1 are scikit-learn's two moons (upper arc about (0, 0), lower arc about (1, 0.5));
+    class 2 is an upper arc about (2, 1), next to the right ends of both (closest clean points: 0.5
+    between classes 0 and 1, 0.42 between 0 and 2, 1.1 between 1 and 2). Gaussian ``noise`` per
+    coordinate; deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    t = math.pi * torch.rand(len(labels), generator=g)
+    c, s = torch.cos(t), torch.sin(t)
+    x = torch.where((labels == 1)[:, None], torch.stack([1 - c, 0.5 - s], 1),
+                    torch.stack([c, s], 1) + 2.0 * (labels == 2)[:, None].float() * torch.tensor([1.0, 0.5]))
+    return x + noise * torch.randn(len(labels), 2, generator=g), labels
+
+
+def make_app_b1(n_points=100, n_augs=10, seed=0, aug_std=0.1, shift=0.0):
+    """The toy of CenterVector App. B.1: ``n_points`` points x ~ N(0, I_3) and ``n_augs`` augmentations
+    of each, x_w = x + k + eps with eps ~ N(0, aug_std^2 I) and k = shift * (1, 1, 1)/sqrt(3)
+    (shift 0: "centred", E_w[x_w] = x; shift > 0: "shifted", E_w[x_w] = x + k).
+
+    Returns ``(x [n, 3], views [n, A, 3], test_views [n, A, 3])``: the training augmentations and fresh
+    augmentations of the same points (for the kNN monitor). Deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_points, 3, generator=g)
+    k = shift * torch.ones(3) / math.sqrt(3)
+    views = [x[:, None] + k + aug_std * torch.randn(n_points, n_augs, 3, generator=g) for _ in range(2)]
+    return x, views[0], views[1]
+
+
 def toy_data(t, seed):
     """(training points [N, d] or views [N, K, d], their labels, test points, test labels) for one seed."""
     if t.dataset == "app_b1":  # each point is an "image" with b1_augs views; kNN: which point a view is of
-        _, views, test = data.make_app_b1(t.b1_points, t.b1_augs, seed, t.b1_aug_std, t.b1_shift)
+        _, views, test = make_app_b1(t.b1_points, t.b1_augs, seed, t.b1_aug_std, t.b1_shift)
         labels = torch.arange(t.b1_points).repeat_interleave(t.b1_augs)
         return views, labels, test.flatten(0, 1), labels
-    make = data.make_blobs if t.dataset == "blobs" else data.make_moons
+    make = make_blobs if t.dataset == "blobs" else make_moons
     spread = t.blob_std if t.dataset == "blobs" else t.moon_noise
     x, y = make(t.n_per_class, seed, spread)
     xt, yt = make(t.n_per_class, seed + 1_000_003, spread)  # held-out points of the same distribution
@@ -214,7 +262,7 @@ def toy_batches(t, x, y, batch_size, g):
 
 def toy_run(cfg, seed, logger, dev):
     """Train one toy model; logs per step (||s|| of the batch) and per epoch (kNN, ||s|| of the test set)."""
-    t, variant = cfg.toy, cfg.loss.variant
+    t = cfg.toy
     x, y, xt, yt = toy_data(t, seed)
     bank_x = x.flatten(0, 1) if x.ndim == 3 else x  # app_b1: every training view, labelled by its point
     torch.manual_seed(seed)
@@ -272,10 +320,8 @@ def train_toy(cfg):
     keys = list(per_seed[cfg.toy.seeds[0]]["final"])
     stat = {}
     for k in keys:
-        vals = [r["final"][k] for r in per_seed.values()]
-        stat[k] = statistics.fmean(vals)
-        stat[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        stat[k + "_init"] = statistics.fmean(r["init"][k] for r in per_seed.values())
+        stat[k], stat[k + "_std"] = log.mean_std([r["final"][k] for r in per_seed.values()])
+        stat[k + "_init"] = log.mean_std([r["init"][k] for r in per_seed.values()])[0]
     logger.summary({"method": METHOD, "variant": cfg.loss.variant, "toy": cfg.toy.dataset,
                     "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t, "seeds": list(cfg.toy.seeds),
                     **stat, "per_seed": per_seed, "toy_wall_s": round(time.time() - t0, 2)})

@@ -49,7 +49,6 @@ divides by the dimension; Adam is nearly invariant to that scale). The linear pr
 """
 import json
 import os
-import statistics
 import sys
 from copy import deepcopy
 from pathlib import Path
@@ -58,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import dist
+from common import dist, log
 from common.config import parse
 from common.ema import EMA, tau_at
 from common.evaluate import uniformity
@@ -255,7 +254,7 @@ def summarize_seeds(cfg):
     for k, v in runs[0].items():
         vals = [r.get(k) for r in runs]
         if isinstance(v, float) and all(isinstance(x, (int, float)) for x in vals):
-            agg[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            agg[k] = dict(zip(("mean", "std"), log.mean_std(vals)))
     (Path(cfg.out_dir) / METHOD / cfg.name / "summary.json").write_text(json.dumps(agg, indent=2) + "\n")
     print("summary over seeds:", json.dumps(agg))
 

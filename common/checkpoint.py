@@ -55,17 +55,6 @@ def load(path):
     return state
 
 
-def find(path):
-    """The checkpoint ``path`` names: a ``.pt`` file, or a run folder's ``checkpoints/last.pt``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if not p.is_file():
-        raise UserError(f"no checkpoint at {p.resolve()}: give a checkpoint (.pt) or a run folder holding "
-                        "checkpoints/last.pt")
-    return p
-
-
 def resume_path(run_dir, resume):
     """The checkpoint to resume from (or None). Refuses to overwrite a run's saved work silently."""
     last = Path(run_dir) / "checkpoints" / "last.pt"

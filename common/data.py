@@ -1,31 +1,15 @@
-"""Datasets by name, as uint8 images and integer labels.
+"""Datasets by name, as uint8 images [3, H, W] and integer labels (the README's Datasets table says where each
+is read from): ``synthetic`` (the embedded default, ``make_synthetic``), ``cifar10``/``cifar100``/``stl10``/
+``fashion_mnist`` (torchvision's readers; Fashion-MNIST also from the four idx ``.gz`` files as published),
+``imagenet``/``imagenet100`` (ImageFolder; Tian et al.'s 100 classes in ``imagenet100.txt``) and ``folder``
+(your own images, below). Small datasets are ``TensorImages`` held in memory; files are decoded on access.
 
-synthetic      the embedded default: ten shapes, generated from a seed in memory
-               (``make_synthetic``); no files, no download.
-cifar10/100    torchvision CIFAR10/CIFAR100 in ``root/cifar-10-batches-py``, ``root/cifar-100-python``.
-stl10          torchvision STL10 in ``root/stl10_binary``; "ssl" is unlabeled + train (labels -1 / 0..9).
-fashion_mnist  torchvision FashionMNIST in ``root/FashionMNIST/raw``, or the four idx ``.gz`` files as
-               published in ``root``, ``root/fashion_mnist`` or ``root/fashion-mnist`` (Debian's
-               dataset-fashion-mnist: ``data.root=/usr/share/datasets``). Gray replicated to 3 channels.
-imagenet       torchvision ImageFolder on ``root/imagenet/train`` and ``root/imagenet/val`` (the
-               validation images sorted into one folder per WordNet id, like train).
-imagenet100    the same folders, keeping the 100 classes of Tian et al. (CMC) in ``imagenet100.txt``.
-folder         your own images (``folder`` section below): ``root/train/<class>/<image>`` (labelled) and,
-               for evaluation, ``root/val/<class>/<image>`` or else a held-out 10% of every class of train;
-               or ``root/train/<image>`` (unlabelled: SSL only, kNN and linear accuracy off).
-
-Splits: "ssl" (self-supervised training; labels may be -1), "train" (labelled training images:
-kNN memory bank, linear probe), "test" (the official test/validation set). With
-``data.val_split: true`` (BYOL-MHE App. B.1) a held-out part of the training set, chosen with a
-fixed seed, is removed from "ssl"/"train" and returned as "test", so hyper-parameters are never
-chosen on the test set: CIFAR-10 500 images per class, CIFAR-100 50 per class, ImageNet the last
-10009 images (of a fixed-seed shuffle, standing in for the TFRecord order Grill et al. used);
-our choice elsewhere: 10% of every class.
-
-Every item is ``(uint8 tensor [3, H, W], int)`` (or ``(transform(image), int)``). Small datasets are
-``TensorImages`` held in memory; ImageNet decodes files on access; ``common.loaders`` batches them.
-Downloads happen only with ``data.download: true``; a missing dataset raises ``UserError`` saying where
-we looked and how to fix it.
+Splits: "ssl" (self-supervised training; labels may be -1: STL-10's unlabeled part), "train" (the kNN bank and
+the linear probe's training set), "test" (the official test/validation set). ``data.val_split: true`` (BYOL-MHE
+App. B.1) holds out a fixed-seed part of the training set as "test" instead: CIFAR-10 500 images per class,
+CIFAR-100 50 per class, ImageNet the last 10009 (of a fixed-seed shuffle, for Grill et al.'s TFRecord order);
+10% of every class elsewhere. Nothing downloads unless ``data.download: true``; a missing dataset is one
+``UserError`` saying where we looked and how to fix it.
 """
 from collections.abc import Mapping
 import gzip
@@ -37,6 +21,7 @@ import tempfile
 
 import torch
 import torchvision
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from common import dist
@@ -92,8 +77,9 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i]
-        return (self.transform(x) if self.transform else x), int(self.labels[i])
+        """One image (``i`` an int), or a whole batch in one tensor index (``i`` a list of indices)."""
+        x, y = self.images[i], self.labels[i]
+        return (self.transform(x) if self.transform else x), (int(y) if y.ndim == 0 else y)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
@@ -336,39 +322,15 @@ def load(data_cfg, split, transform=None):
     return TensorImages(images, labels, transform)
 
 
-def decoded_per_image(data_cfg, split):
-    """Whether ``load(data_cfg, split)`` decodes files on access (a transform then runs per image, in the
-    DataLoader workers) rather than holding a ``TensorImages`` in memory (transforms on whole batches)."""
-    if data_cfg["name"] == "folder":
-        return not isinstance(load(data_cfg, split), TensorImages)
-    return data_cfg["name"] in ("imagenet", "imagenet100")
-
-
 # ---------------------------------------------------------------------------------------------- folder
-# Your own images. ``<data.root>/train/`` holds either class folders (labelled) or images (unlabelled);
-# hidden files and folders (``.name``) are skipped, anything else that is not an image is an error, as are
-# an empty folder, a class folder without images, and a mix of images and class folders.
-#
-# - Labelled: SSL on every image of train/; kNN bank and linear probe on train/, evaluated on
-#   ``val/<class>/`` (class names as in train/). Without val/ (or with ``data.val_split: true``), a
-#   held-out 10% of every class of train/ (at least one image of a class with two or more, fixed seed)
-#   is the test set and is left out of SSL training and the kNN bank.
-# - Unlabelled: SSL on every image; kNN and linear accuracy are off (the scripts log them as nan); the
-#   label-free diagnostics (uniformity, centre norm, feature std, alignment) run on a fixed sample of
-#   ``FOLDER_EVAL_SAMPLE`` training images.
-# - Sizes: a folder of at most ``FOLDER_CHECK`` images has every header read when it is opened (a file PIL
-#   cannot read is an error); when all share one size and fit in ``FOLDER_IN_MEMORY`` bytes, they are
-#   decoded once into a ``TensorImages`` (every augmentation path, ``data.on_device``). Otherwise images
-#   are decoded per item (``FileImages``): use ``augment.path: hybrid`` or ``cpu``; ``batched`` stops
-#   with one line saying why (e.g. two files of different sizes).
-# - Normalisation: ``data.mean``/``data.std`` (3 numbers in [0, 1] units) when given; otherwise the
-#   per-channel mean/std over all pixels of the training images (a fixed sample of ``FOLDER_STATS_SAMPLE``
-#   images beyond that), computed once and cached in ``<data.root>/.onefile-ssl-stats.json`` (recomputed
-#   when the files of train/ change). A read-only dataset folder: computed at every start, and the line
-#   printed gives the --set values that skip it.
-# - Evaluation transform: the shorter side resized to ``data.image_size`` (bicubic, antialiased), then
-#   the centre square: nothing happens to images already at that size.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+# Your own images: ``<data.root>/train/`` holds class folders (labelled) or images (unlabelled: SSL only, kNN and
+# linear accuracy nan, the label-free diagnostics on ``FOLDER_EVAL_SAMPLE`` of its images); hidden files are
+# skipped, anything else that is not an image is an error. Labelled: evaluated on ``val/<class>/``, or without it
+# on a held-out 10% of every class (fixed seed; at least one image of a class with two), left out of SSL and the
+# bank. Up to ``FOLDER_CHECK`` images, every header is read at opening; one size that fits ``FOLDER_IN_MEMORY``
+# is decoded once into a ``TensorImages`` (every augmentation path), else ``FileImages`` decodes per item
+# (``augment.path: hybrid`` or ``cpu``). Normalisation: ``data.mean``/``data.std``, or the training images'
+# per-channel statistics, computed once and cached in ``<data.root>/.onefile-ssl-stats.json``.
 FOLDER_LAYOUT = ("<data.root>/train/<class>/<image> (labelled; evaluated on <data.root>/val/<class>/<image> "
                  "or a held-out part of train) or <data.root>/train/<image> (unlabelled, SSL only)")
 FOLDER_CHECK = 100_000      # images: up to this many, every header is read when the folder is opened
@@ -403,41 +365,44 @@ def _say(msg):
             print(msg, flush=True)
 
 
-def _image_file(path):
-    if not path.lower().endswith(IMAGE_EXTENSIONS):
-        raise UserError(f"data.name=folder: {path} is not an image (expected only {' '.join(IMAGE_EXTENSIONS)} "
+def _image_file(path, folder=None):
+    """True for an image, False for a hidden file or one in a hidden folder (below ``folder``); anything else is an
+    error (torchvision's ``make_dataset`` would skip it silently)."""
+    if folder is not None and any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep)):
+        return False
+    if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        raise UserError(f"data.name=folder: {path} is not an image (expected only {' '.join(IMG_EXTENSIONS)} "
                         "files; hidden files are skipped): move it out of the dataset folder")
-    return path
+    return True
 
 
 def _scan(folder, part):
-    """(classes, paths, labels) of ``folder`` (root/train or root/val); labels -1 for unlabelled images."""
+    """(classes, paths, labels) of ``folder`` (root/train or root/val): torchvision's ``find_classes`` and
+    ``make_dataset`` (hidden files and folders skipped); labels -1 for unlabelled images."""
     if not os.path.isdir(folder):
         raise UserError(f"data.name=folder: no folder {folder}; expected {FOLDER_LAYOUT}: set data.root=<the "
                         f"folder holding train/>")
     entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-    dirs, files = [e for e in entries if e.is_dir()], [e for e in entries if not e.is_dir()]
+    dirs, files = [e for e in entries if e.is_dir()], [e.path for e in entries if not e.is_dir()]
     if not entries:
         raise UserError(f"data.name=folder: {folder} is empty; expected {FOLDER_LAYOUT}")
     if dirs and files:
         raise UserError(f"data.name=folder: {folder} holds both class folders ({dirs[0].name}/) and images "
-                        f"({files[0].name}): put every image into a class folder (labelled) or none (unlabelled)")
+                        f"({os.path.basename(files[0])}): put every image into a class folder (labelled) or none "
+                        "(unlabelled)")
     if files:
         if part == "val":
             raise UserError(f"data.name=folder: {folder} holds images but no class folders; val/ needs the class "
                             f"folders of train/ (val/<class>/<image>), or remove it to hold out part of train/")
-        return [], [_image_file(e.path) for e in files], [-1] * len(files)
-    paths, labels = [], []
-    for c, d in enumerate(dirs):
-        found = []
-        for top, subdirs, names in os.walk(d.path, followlinks=True):
-            subdirs[:] = [x for x in subdirs if not x.startswith(".")]
-            found += [os.path.join(top, n) for n in names if not n.startswith(".")]
-        if not found:
-            raise UserError(f"data.name=folder: the class folder {d.path} holds no images; expected {FOLDER_LAYOUT}")
-        paths += [_image_file(p) for p in sorted(found)]
-        labels += [c] * len(found)
-    return [d.name for d in dirs], paths, labels
+        return [], [f for f in files if _image_file(f)], [-1] * len(files)
+    classes = [c for c in find_classes(folder)[0] if not c.startswith(".")]
+    samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, is_valid_file=lambda f: _image_file(f, folder),
+                           allow_empty=True)
+    empty = sorted(set(classes) - {classes[c] for _, c in samples})
+    if empty:
+        raise UserError(f"data.name=folder: the class folder {os.path.join(folder, empty[0])} holds no images; "
+                        f"expected {FOLDER_LAYOUT}")
+    return classes, [p for p, _ in samples], [c for _, c in samples]
 
 
 def _sizes(paths):
@@ -581,55 +546,3 @@ def folder_stats(d):
              f"data.std={flat(std)} skips this at the next start")
     _FOLDER_CACHE[key] = tuple(mean), tuple(std)
     return _FOLDER_CACHE[key]
-
-
-# ==============================================================================================
-# toy2d: point data for center_penalty.py (CenterVector §3.2 and App. B.1). Points, not images:
-# ``load``/``train_loader`` do not serve them; center_penalty.py calls these generators itself.
-# ==============================================================================================
-TOY2D = ("blobs", "moons", "app_b1")
-# blob centres: radius 5, 120 degrees apart, the same for every seed (the seed draws the points)
-BLOB_CENTRES = tuple((5 * math.cos(a), 5 * math.sin(a)) for a in (math.pi / 2 + 2 * math.pi * k / 3 for k in range(3)))
-
-
-def make_blobs(n_per_class, seed, std=1.0):
-    """Three Gaussian blobs in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
-
-    Centres ``BLOB_CENTRES``; ``std`` is the spread of each coordinate; deterministic in ``seed``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(3).repeat_interleave(n_per_class)
-    x = torch.tensor(BLOB_CENTRES)[labels] + std * torch.randn(len(labels), 2, generator=g)
-    return x, labels
-
-
-def make_moons(n_per_class, seed, noise=0.1):
-    """Three interleaved half circles in 2-D: points float32 [3n, 2] and labels int64 [3n], in class order.
-
-    Classes 0 and 1 are scikit-learn's two moons (upper arc about (0, 0), lower arc about (1, 0.5));
-    class 2 is an upper arc about (2, 1), next to the right ends of both (closest clean points: 0.5
-    between classes 0 and 1, 0.42 between 0 and 2, 1.1 between 1 and 2). Gaussian ``noise`` per
-    coordinate; deterministic in ``seed``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(3).repeat_interleave(n_per_class)
-    t = math.pi * torch.rand(len(labels), generator=g)
-    c, s = torch.cos(t), torch.sin(t)
-    x = torch.where((labels == 1)[:, None], torch.stack([1 - c, 0.5 - s], 1),
-                    torch.stack([c, s], 1) + 2.0 * (labels == 2)[:, None].float() * torch.tensor([1.0, 0.5]))
-    return x + noise * torch.randn(len(labels), 2, generator=g), labels
-
-
-def make_app_b1(n_points=100, n_augs=10, seed=0, aug_std=0.1, shift=0.0):
-    """The toy of CenterVector App. B.1: ``n_points`` points x ~ N(0, I_3) and ``n_augs`` augmentations
-    of each, x_w = x + k + eps with eps ~ N(0, aug_std^2 I) and k = shift * (1, 1, 1)/sqrt(3)
-    (shift 0: "centred", E_w[x_w] = x; shift > 0: "shifted", E_w[x_w] = x + k).
-
-    Returns ``(x [n, 3], views [n, A, 3], test_views [n, A, 3])``: the training augmentations and fresh
-    augmentations of the same points (for the kNN monitor). Deterministic in ``seed``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_points, 3, generator=g)
-    k = shift * torch.ones(3) / math.sqrt(3)
-    views = [x[:, None] + k + aug_std * torch.randn(n_points, n_augs, 3, generator=g) for _ in range(2)]
-    return x, views[0], views[1]

@@ -1,37 +1,22 @@
 """Distributed training: the launcher and the few collective helpers the scripts use.
 
-``launch(train, cfg)`` runs ``train(cfg)`` in every process:
+``launch(train, cfg)`` runs ``train(cfg)`` in every process: under ``torchrun`` (one or several nodes: its
+rendezvous sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), under ``srun`` (from SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID; export MASTER_ADDR in the batch script), in ``dist.nproc: N`` spawned local
+processes, or in this one. NCCL on CUDA, Gloo on CPU. Models are built from ``seed`` on every rank; each rank's
+augmentations draw from ``rank_seed(seed)``; the data order is the seeded sampler's, the same for any number of
+ranks (``common.loaders``). ``all_gather_grad`` concatenates a tensor over ranks and keeps the gradient path, so
+a loss over batch statistics (uniformity, covariance, centre vector) sees the global batch and, with DDP's
+gradient averaging, has the one-process gradient (the gather's backward sums the ranks' gradients).
 
-- ``torchrun --nproc_per_node=N script.py ...`` (single or multi node: torchrun's
-  rendezvous sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT);
-- ``srun python script.py ...`` under SLURM (read from ``SLURM_PROCID``,
-  ``SLURM_NTASKS``, ``SLURM_LOCALID``; MASTER_ADDR must be exported in the batch
-  script, e.g. the first host of ``scontrol show hostnames``);
-- ``dist.nproc: N`` spawns N local processes (``torch.multiprocessing``);
-- otherwise one process, no process group.
+A ``UserError`` anywhere is one line (``error: ...``) and exit status 2; a ``Stopped`` run prints its line and
+exits with its code. Collectives time out after ``dist.timeout_min`` minutes (no rank waits forever on a dead
+peer); the spawning launcher names the rank that failed. Decisions that stop a run use ``agree`` / ``any_rank``
+(over a Gloo group, also under NCCL: no GPU sync), so that every rank takes the same one.
 
-NCCL on CUDA, Gloo on CPU. Models are built from ``seed`` on every rank (DDP
-broadcasts rank 0's weights anyway); each rank's augmentations draw from
-``rank_seed(seed)``; the data order is the seeded sampler's, the same for any
-number of ranks (``common.loaders``). ``all_gather_grad`` concatenates a
-tensor over ranks and keeps the gradient path, so a loss over batch statistics
-(uniformity, covariance, centre vector) sees the global batch; with DDP's
-gradient averaging the result equals the one-process gradient (each rank's
-loss computes the same global term; the gather's backward sums the ranks'
-gradients; DDP divides by the world size).
-
-A ``UserError`` anywhere is printed as one line (``error: ...``) and the
-process exits with status 2; a ``Stopped`` run prints its line and exits with
-its code. Collectives time out after ``dist.timeout_min`` minutes, so no rank
-waits forever on a dead peer; the spawning launcher names the rank that failed.
-Decisions that stop a run use ``agree`` / ``any_rank`` (over a Gloo group, also
-under NCCL: no GPU sync), so that every rank takes the same one.
-
-Process-wide settings belong to the scripts' own runs, not to importing ``common``: ``launch`` (which only
-a script's ``__main__`` calls) makes stdout and stderr line-buffered, so every line reaches a SLURM log
-file when it is printed, and, for a run on the CPU, sets glibc's allocator to keep freed memory
-(``keep_freed_memory``, a ``mallopt`` for the whole process). A program that imports ``common`` and calls
-``device`` or ``train`` itself keeps its own allocator and buffering.
+``launch`` (only a script's ``__main__`` calls it, not an import) makes stdout and stderr line-buffered (each
+line reaches a SLURM log when printed) and, for a CPU run, sets glibc's allocator to keep freed memory
+(``keep_freed_memory``).
 """
 import ctypes
 import datetime
@@ -178,37 +163,15 @@ class _AllGather(torch.autograd.Function):
         return grad.chunk(world_size())[rank()]
 
 
-class _AllReduce(torch.autograd.Function):
-    """Differentiable sum over ranks (the gradient of a sum is the sum of the ranks' gradients)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _AllReduce.forward(ctx, grad)
-
-
 def all_gather_grad(x):
     """Concatenate ``x`` (same shape on every rank) over ranks along dim 0, keeping gradients."""
     return x if world_size() == 1 else _AllGather.apply(x)
 
 
 def all_reduce_grad(x):
-    """Sum ``x`` over ranks, keeping gradients."""
-    return x if world_size() == 1 else _AllReduce.apply(x)
-
-
-def all_reduce_mean(x):
-    """Average a (detached) tensor over ranks, for logging."""
-    if world_size() > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= world_size()
-    return x
+    """Sum ``x`` over ranks, keeping gradients: the sum of the gathered copies (the gather's backward sums the
+    ranks' gradients, which is the gradient of a sum over ranks)."""
+    return x if world_size() == 1 else all_gather_grad(x[None]).sum(0)
 
 
 def all_reduce_sum(x):
@@ -217,6 +180,11 @@ def all_reduce_sum(x):
         x = x.detach().clone()
         dist.all_reduce(x)
     return x
+
+
+def all_reduce_mean(x):
+    """Average a (detached) tensor over ranks, for logging."""
+    return all_reduce_sum(x) / world_size()
 
 
 def all_gather_uneven(x):

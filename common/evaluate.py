@@ -1,49 +1,25 @@
-"""Evaluation: k-NN and linear probes on a frozen encoder, plus representation diagnostics.
+"""Evaluation of a frozen encoder: k-NN, linear probes and representation diagnostics.
 
-Conventions (cite these next to every number in the README):
+* k-NN (``knn_accuracies``): cosine similarity of l2-normalised features; the k most similar bank (training)
+  samples vote. Weighted (Wu et al. 2018, the BYOL-family papers' monitor): each votes ``exp(sim / T)``,
+  default k = 200, T = 0.1. Majority (``weighted=False``): ties go to the larger summed similarity, then to the
+  lower class. k above the bank's size uses the whole bank. Top-1 in percent.
+* Linear probes, offline, zero-initialised ``nn.Linear``, cosine lr: ``linear_probe`` (fast: cached
+  un-augmented features, standardised) and ``linear_probe_augmented`` (the papers' protocol: the caller's
+  augmentation on each training batch, the encoder frozen in eval mode); top-1/top-5 on the test set.
+* Diagnostics: Wang & Isola's alignment (alpha 2) and uniformity (t 2), the centre-vector norm, ``||Sigma -
+  I||_F^2`` of the feature correlation, the effective rank of the covariance spectrum, the mean per-dimension
+  std (SimSiam's collapse indicator: ~1/sqrt(d) healthy, ~0 collapsed).
 
-* k-NN: cosine similarity between l2-normalised features; the k most similar
-  training ("bank") samples vote for their label.  ``weighted=True`` is the
-  weighted k-NN of Wu et al. 2018 (InstDisc) used as the monitor by the
-  BYOL-family papers: each neighbour votes ``exp(sim / T)``, votes are summed
-  per class, the prediction is the argmax.  Default ``k=200, T=0.1``.
-  ``weighted=False`` is a majority vote; ties go to the tied class with the
-  larger summed similarity (then to the lower class index).  If ``k`` exceeds
-  the bank size, all bank samples are used.  Accuracies are top-1 in percent.
-* Linear probe "fast path" (``linear_probe``): offline, on cached frozen
-  features, standardised with the train mean/std; one zero-initialised
-  ``nn.Linear``; cosine lr over all steps; seeded shuffling.
-* Linear probe "paper path" (``linear_probe_augmented``): offline, frozen
-  encoder in eval mode, caller-supplied augmentation on each training batch,
-  zero-initialised ``nn.Linear`` trained with the given optimizer and cosine lr;
-  top-1/top-5 on the un-augmented test set.
-
-Several processes (DDP). ``monitor`` and ``final_linear_eval`` are collective: every rank calls them with the
-same encoder weights and gets the same dict; no rank waits while another evaluates.
-
-* Feature extraction is sharded by whole batches: the eval loaders (``loaders.eval_loaders``) cut the set into
-  the sequential batches of one process (``RankBatches``) and rank r encodes batches r, r+W, r+2W, ...;
-  ``extract_features`` gathers them back into the one-process order. Every image goes through the encoder in
-  the batch it has on one process: the features are those of one process (bit for bit on CPU at the same
-  number of threads).
-* k-NN: rank r scores the query chunks r, r+W, ... against the whole bank; the counts of correct predictions
-  are summed over ranks. On the same features the accuracies equal one process's exactly.
-* Fast linear probe: every rank trains the same deterministic probe on the same gathered features (no
-  communication; its cost is small beside the extraction): the numbers of one process exactly.
-* Paper linear probe: the head in DDP, each global batch of ``eval.linear_batch_size`` split evenly over the
-  ranks (the same images per step as one process: a seeded ``DistributedSampler``, the last incomplete batch
-  of an epoch dropped), test counts summed over ranks. It differs from one process by float round-off and,
-  on the batched augmentation path only, by the augmentation's random draws (each rank its own stream: a
-  different draw, as another seed gives). Tolerance (tests/test_evaluate_dist.py): with the views of one
-  process (deterministic views, or ``augment.path: cpu | hybrid``, seeded per image) top-1/top-5 within one
-  test image of one process; batched random views within the probe's seed-to-seed spread.
-* Diagnostics (all on l2-normalised inputs unless stated): alignment and
-  uniformity of Wang & Isola 2020 (``alpha=2``, ``t=2``), the centre-vector
-  norm, ``||Sigma - I||_F^2`` of the feature correlation matrix, the effective rank of the covariance
-  spectrum (1: one direction, D: isotropic), and the mean
-  per-dimension std (SimSiam's collapse indicator, ~1/sqrt(d) healthy, ~0 collapsed).
-
-Everything is pure torch, device-agnostic and keeps no global state.
+Several processes: ``monitor`` and ``final_linear_eval`` are collective (every rank calls them with the same
+weights and gets the same dict). Each rank encodes its share of whole batches (``RankBatches``) and
+``extract_features`` gathers them in the one-process order, so every feature is the one of one process (bit for
+bit on CPU at the same number of threads); k-NN scoring is split over the ranks and the correct counts summed:
+one process's accuracies, exactly. The fast probe: every rank trains the same deterministic probe on the same
+features (one process's numbers). The paper probe trains its head in DDP on the same images per step as one
+process; it differs by round-off and, on the batched augmentation path, by each rank's own random draws
+(tests/test_evaluate_dist.py: within one test image of one process with one process's views, within the
+seed-to-seed spread with batched random views).
 """
 import math
 
@@ -90,21 +66,19 @@ def _in_order(x, batch_size):
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device, max_batches=None):
+def extract_features(encoder, loader, device):
     """Run ``encoder`` (in eval mode) over ``loader``; returns (float32 [N, D], int64 labels [N]) on ``device``.
 
     Collective when ``loader`` is batched by ``RankBatches`` and W > 1 processes run: each rank encodes its
     batches and every rank returns the whole set, in the one-process order (module docstring). Any other
-    loader is read whole by the calling rank. ``max_batches``: only this rank's first batches, not gathered.
+    loader is read whole by the calling rank.
     The encoder's previous train/eval mode is restored afterwards.
     """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
+        for x, y in loader:
             f = encoder(x.to(device, non_blocking=True))
             feats.append(f.flatten(1).float())
             labels.append(y.to(device).long())
@@ -113,24 +87,12 @@ def extract_features(encoder, loader, device, max_batches=None):
     f = torch.cat(feats) if feats else torch.empty(0, 0, device=device)  # a rank may have no batch
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
     shard = _rank_batches(loader)
-    if shard is None or max_batches is not None or dist.world_size() == 1:
+    if shard is None or dist.world_size() == 1:
         return f, y
     return _in_order(f, shard.batch_size), _in_order(y, shard.batch_size)
 
 
 # ----------------------------------------------------------------------------- k-NN
-def _topk_neighbours(train_f, test_f, k, chunk):
-    """Top-k cosine similarities (descending) and bank indices for every query, in query chunks."""
-    bank = F.normalize(train_f, dim=1)
-    k = min(k, bank.shape[0])
-    sims, idx = [], []
-    for q in F.normalize(test_f.to(bank), dim=1).split(chunk):
-        s, i = (q @ bank.T).topk(k, dim=1)  # sorted, most similar first
-        sims.append(s)
-        idx.append(i)
-    return torch.cat(sims), torch.cat(idx)
-
-
 def _vote(sims, nb_labels, num_classes, t, weighted):
     """Class predictions [M] from neighbour similarities [M, k] and their labels [M, k]."""
     def per_class(v):  # sum v over the neighbours of each class -> [M, C]
@@ -145,13 +107,6 @@ def _vote(sims, nb_labels, num_classes, t, weighted):
 
 def _num_classes(num_classes, *ys):
     return num_classes if num_classes is not None else int(max(y.max() for y in ys)) + 1
-
-
-@torch.no_grad()
-def knn_predict(train_f, train_y, test_f, k=200, t=0.1, num_classes=None, weighted=True, chunk=1024):
-    """Predicted class [M] of every test feature (see module docstring for the vote)."""
-    sims, idx = _topk_neighbours(train_f, test_f, k, chunk)
-    return _vote(sims, train_y.to(idx.device)[idx], _num_classes(num_classes, train_y), t, weighted)
 
 
 @torch.no_grad()
@@ -177,12 +132,6 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_class
         for j, k in enumerate(ks):
             correct[j] += (_vote(sims[:, :k], nb_labels[:, :k], c, t, weighted) == y).sum()
     return {f"knn{k}": 100.0 * (n / len(test_y)) for k, n in zip(ks, dist.all_reduce_sum(correct).tolist())}
-
-
-@torch.no_grad()
-def knn_accuracy(train_f, train_y, test_f, test_y, k=200, t=0.1, num_classes=None, weighted=True, chunk=1024):
-    """Top-1 % of the k-NN classifier (weighted: Wu et al. 2018, k=200, T=0.1)."""
-    return knn_accuracies(train_f, train_y, test_f, test_y, (k,), t, num_classes, weighted, chunk)[f"knn{k}"]
 
 
 # ----------------------------------------------------------------------------- linear probes
@@ -214,28 +163,33 @@ def _topk_correct(logits, y, num_classes):
     return hit[:, 0].sum().item(), hit.any(1).sum().item()
 
 
+def _fit(head, epochs, steps, epoch_batches, optimizer, lr, weight_decay, momentum, nesterov=False):
+    """Train ``head`` by cross-entropy on the (features, labels) of ``epoch_batches(epoch)``, ``steps`` per epoch,
+    cosine lr over all of them."""
+    opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum, nesterov)
+    sched = _cosine(opt, epochs * steps)
+    for epoch in range(epochs):
+        for f, y in epoch_batches(epoch):
+            with torch.enable_grad():
+                loss = F.cross_entropy(head(f), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sched.step()
+
+
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=256, lr=0.1,
                  weight_decay=0.0, optimizer="sgd", momentum=0.9, seed=0):
-    """Linear classifier on cached frozen features; returns {"top1": %, "top5": %} on the test features."""
+    """Linear classifier on cached frozen features, standardised with the training mean/std, shuffled by ``seed``;
+    returns {"top1": %, "top5": %} on the test features."""
     device = train_f.device
     xtr, xte = train_f.float(), test_f.float().to(device)
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     ytr, yte = train_y.to(device), test_y.to(device)
-    head = _zero_linear(xtr.shape[1], num_classes, device)
-    opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum)
-    n = xtr.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    sched = _cosine(opt, epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for b in torch.randperm(n, generator=gen).to(device).split(batch_size):
-                loss = F.cross_entropy(head(xtr[b]), ytr[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+    head, n, gen = _zero_linear(xtr.shape[1], num_classes, device), xtr.shape[0], torch.Generator().manual_seed(seed)
+    _fit(head, epochs, math.ceil(n / batch_size), lambda epoch: ((xtr[b], ytr[b]) for b in torch.randperm(
+        n, generator=gen).to(device).split(batch_size)), optimizer, lr, weight_decay, momentum)
     with torch.no_grad():
         c1, c5 = _topk_correct(head(xte), yte, num_classes)
     return {"top1": 100.0 * c1 / len(yte), "top5": 100.0 * c5 / len(yte)}
@@ -244,32 +198,25 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batc
 def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_loader, augment, device, epochs,
                            lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False, sampler=None):
     """Paper protocol: frozen encoder (eval, no grad), ``augment(batch) -> float tensor on device`` on every
-    training batch (it moves the batch to the device itself),
-    linear head with the given optimizer and cosine lr over ``epochs * len(train_loader)`` steps.
-    Returns {"top1": %, "top5": %} on ``test_loader`` (no augmentation). Encoder mode is restored.
-
-    Under W > 1 processes collective: the head is trained in DDP (``train_loader`` gives this rank its share of
-    each global batch; ``sampler.set_epoch`` is called every epoch) and the test counts of the ranks' shares of
-    ``test_loader`` are summed.
+    training batch (it moves the batch to the device itself), linear head with the given optimizer and cosine lr
+    over ``epochs * len(train_loader)`` steps. Returns {"top1": %, "top5": %} on ``test_loader`` (no
+    augmentation). Encoder mode is restored. Under W > 1 processes collective: the head is trained in DDP
+    (``train_loader`` gives this rank its share of each global batch; ``sampler.set_epoch`` every epoch) and the
+    test counts of the ranks' shares of ``test_loader`` are summed.
     """
+    def epoch_batches(epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for x, y in train_loader:
+            with torch.no_grad():
+                f = encoder(augment(x)).flatten(1).float()
+            yield f, y.to(device)
+
     was_training = encoder.training
     encoder.eval()
     head = dist.ddp(_zero_linear(feat_dim, num_classes, device), torch.device(device))
-    opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum, nesterov)
-    sched = _cosine(opt, epochs * len(train_loader))
     try:
-        for epoch in range(epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            for x, y in train_loader:
-                with torch.no_grad():
-                    f = encoder(augment(x)).flatten(1).float()
-                with torch.enable_grad():
-                    loss = F.cross_entropy(head(f), y.to(device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                sched.step()
+        _fit(head, epochs, len(train_loader), epoch_batches, optimizer, lr, weight_decay, momentum, nesterov)
         c1 = c5 = n = 0
         with torch.no_grad():
             for x, y in test_loader:
@@ -405,8 +352,8 @@ def final_linear_eval(encoder, loaders, device, cfg):
                            batch_size=e.linear_batch_size, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
                            optimizer=e.linear_optimizer, seed=cfg.seed)
     else:
-        dim = extract_features(encoder, loaders["train"], device, max_batches=1)[0].shape[1]
-        feat_dim = max(int(d) for d in dist.all_gather_uneven(torch.tensor([dim], device=device)))  # any rank's
+        size = cfg.data.image_size  # the encoder's feature size, from one blank image (no data, no collective)
+        feat_dim = apply_eval(encoder, torch.zeros(1, 3, size, size, device=device)).flatten(1).shape[1]
         res = linear_probe_augmented(encoder, feat_dim, loaders["num_classes"], loaders["train_aug"],
                                      loaders["test"], loaders["augment"], device, e.linear_epochs, e.linear_lr,
                                      e.linear_weight_decay, optimizer=e.linear_optimizer,

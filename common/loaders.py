@@ -12,23 +12,9 @@ import torch
 
 from common import dist
 from common.augment import MultiViewDataset, ViewMaker, eval_transform
-from common.config import UserError
-from common.data import TensorImages, decoded_per_image, load, num_classes, stats
+from common.config import Cfg, UserError
+from common.data import TensorImages, load, num_classes, stats
 from common.evaluate import RankBatches
-
-
-class _Batches(torch.utils.data.Dataset):
-    """``TensorImages`` fetched a whole batch at a time (one tensor index, no per-item Python)."""
-
-    def __init__(self, ds, transform=None):
-        self.ds, self.transform = ds, transform
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, idx):
-        x = self.ds.images[idx]
-        return (self.transform(x) if self.transform else x), self.ds.labels[idx]
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -74,18 +60,19 @@ class DeviceBatches:
             yield self.images[i], self.labels[i]
 
 
-def train_loader(dataset, cfg, views, device):
+def train_loader(dataset, cfg, views, device, batch_size=None):
     """Loader of SSL training batches for this rank: ``(uint8 [B,3,H,W], labels)`` on the batched
     augmentation path, ``([view_1, ..., view_K], labels)`` on the CPU and hybrid paths (``augment.path``).
 
-    The global ``optim.batch_size`` is split evenly over the ranks; returns ``(loader, sampler)``. With
-    ``data.on_device: true`` (batched path, in-memory datasets) the loader is a ``DeviceBatches``.
+    The global ``batch_size`` (default ``optim.batch_size``) is split evenly over the ranks; returns ``(loader,
+    sampler)``. With ``data.on_device: true`` (batched path, in-memory datasets) the loader is a ``DeviceBatches``.
     """
-    world = dist.world_size()
-    if cfg.optim.batch_size % world:
-        raise UserError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
-    local = cfg.optim.batch_size // world
-    on_device, path = cfg.data.on_device, cfg.augment.path
+    world, path, name = dist.world_size(), cfg.augment.path, "optim.batch_size" if batch_size is None else \
+        "eval.linear_batch_size"
+    batch_size = cfg.optim.batch_size if batch_size is None else batch_size
+    if batch_size % world:
+        raise UserError(f"{name}={batch_size} must be divisible by the {world} processes")
+    local, on_device = batch_size // world, cfg.data.on_device
     if on_device and (path != "batched" or not isinstance(dataset, TensorImages)):
         raise UserError(f"data.on_device=true needs an in-memory dataset (synthetic, cifar10, cifar100, stl10, "
                         f"fashion_mnist, a small folder of one image size) and augment.path=batched; got "
@@ -107,17 +94,17 @@ def train_loader(dataset, cfg, views, device):
                                              drop_last=True, **common)
     else:  # whole-batch indexing of the in-memory tensor; augmentation happens on the device
         batches = torch.utils.data.BatchSampler(sampler, local, drop_last=True)
-        loader = torch.utils.data.DataLoader(_Batches(dataset), sampler=batches, batch_size=None, **common)
+        loader = torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, **common)
     return loader, sampler
 
 
-def _eval_loader(dataset, transform, batch_size, workers):
-    """This rank's share of the sequential batches of ``dataset`` (``RankBatches``); ``transform`` runs on whole
-    batches for in-memory data (else in the dataset). Own generator: evaluating leaves torch's RNG alone."""
+def _eval_loader(dataset, batch_size, workers):
+    """This rank's share of the sequential batches of ``dataset`` (``RankBatches``): an in-memory set is indexed (and
+    transformed) a whole batch at a time, files are decoded and transformed per image in the workers. Own
+    generator: evaluating leaves torch's RNG alone."""
     batches, gen = RankBatches(len(dataset), batch_size), torch.Generator()
     if isinstance(dataset, TensorImages):
-        return torch.utils.data.DataLoader(_Batches(dataset, transform), batch_size=None, sampler=batches,
-                                           generator=gen)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, generator=gen)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=gen)
 
 
@@ -131,35 +118,18 @@ def eval_loaders(cfg):
     d, e = cfg.data, cfg.eval
     mean, std = stats(d)
     tf = eval_transform(d.name, d.image_size, mean, std)
-    files = {split: decoded_per_image(d, split) for split in ("train", "test")}  # transform in the workers
-    out = {split: _eval_loader(load(d, split, tf if files[split] else None), None if files[split] else tf,
-                               e.batch_size, d.workers) for split in ("train", "test")}
+    out = {split: _eval_loader(load(d, split, tf), e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
     bank = len(out["train"].dataset)
     if out["num_classes"] and max(e.knn_k) > bank:  # (0 classes: an unlabelled folder, no kNN)
         raise UserError(f"eval.knn_k={e.knn_k} asks for more neighbours than the {bank} images of the kNN memory "
                         "bank (the labelled training set): lower eval.knn_k")
-    if e.linear == "paper":
-        world = dist.world_size()
-        if e.linear_batch_size % world:
-            raise UserError(f"eval.linear_batch_size={e.linear_batch_size} must be divisible by the {world} "
-                            "processes")
-        local = e.linear_batch_size // world
+    if e.linear == "paper":  # the training loader's batches (its sampler, workers, paths), un-jittered views
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
         maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), dist.rank_seed(cfg.seed))
-        train = load(d, "train")
-        if cfg.augment.path != "batched":
-            train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)
-        sampler = ResumableSampler(train, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,
-                                   drop_last=True)
-        common = dict(pin_memory=maker.device.type == "cuda", generator=torch.Generator())
-        if isinstance(train, TensorImages):
-            batches = torch.utils.data.BatchSampler(sampler, local, drop_last=True)
-            out["train_aug"] = torch.utils.data.DataLoader(_Batches(train), sampler=batches, batch_size=None,
-                                                           **common)
-        else:
-            out["train_aug"] = torch.utils.data.DataLoader(train, local, sampler=sampler, num_workers=d.workers,
-                                                           drop_last=True, **common)
+        on_device = {**cfg, "data": {**d, "on_device": False}}  # (the probe's images stay where they are)
+        out["train_aug"], sampler = train_loader(load(d, "train"), Cfg.wrap(on_device), maker, maker.device,
+                                                 e.linear_batch_size)
         out["train_aug_sampler"] = sampler
         out["augment"] = lambda batch: maker(batch)[0]
     return out

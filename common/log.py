@@ -20,7 +20,9 @@ The run's ``log`` settings take effect at ``Logger.config(cfg)``:
 Every printed line is flushed at once, so a SLURM log shows each evaluation when it happens.
 """
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,16 @@ from tqdm import tqdm
 
 from common import config as config_lib
 from common.config import UserError
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1) of the finite numbers in ``values``: the one rule of every
+    mean ± std over seeds (the results table, RAFT's seeds, the toy runs, the figures' bands); (None, None)
+    without a number, std 0 for one."""
+    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
 def _records(path):

@@ -1,26 +1,17 @@
 """The run's bookkeeping around a method script's training loop, written once.
 
 A script's ``train(cfg)`` shows the method (views, forward, loss, backward, optimizer step, EMA) and where
-each step and each epoch ends; a ``Run`` does the bookkeeping at those points::
+each step and each epoch ends (byol_uniform.py is the shortest example); a ``Run`` does the rest::
 
-    run = Run(cfg, METHOD)                       # run folder (locked), resume state, seeds, signal handlers
-    views = run.views(2)                         # the augmented views, made on the training device
-    loader = run.loader(views)                   # this rank's SSL batches; the evaluation sets
-    online = run.to_device(Online(cfg.model))    # SyncBN over processes, device, memory format
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
-    for epoch in run.epochs():                   # from the resumed epoch on
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro ends a group
-            x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):  # precision; DDP all-reduces on a group's last
-                loss, logs = method_loss(...)
-                run.backward(loss)                     # loss / accum_steps (GradScaler under fp16)
-            if last_micro:
-                lr = set_lr(opt, lr_at(run.step, ...)); run.optimizer_step(opt, online); ema.update(...)
-                run.end_step(loss, logs, lr=lr)        # count, metrics, NaN guard; stops here if asked
-        if run.eval_due():
-            run.evaluate()                             # kNN and diagnostics of the frozen encoder, logged
-        run.end_epoch()                                # checkpoints; stops here if asked
-    run.finish({...})                                  # final evaluation, linear probe, summary.json
+    run = Run(cfg, METHOD); views = run.views(2); loader = run.loader(views)  # folder, resume state, data
+    run.start(encoder, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
+    for epoch in run.epochs():
+        for batch, last_micro in run.batches(loader):  # the rest of this epoch; last_micro: a step is due
+            with run.autocast(model, sync=last_micro): loss, logs = ...; run.backward(loss)
+            if last_micro: set_lr(...); run.optimizer_step(opt, online); ema.update(...); run.end_step(loss, logs)
+        if run.eval_due(): run.evaluate()            # kNN and diagnostics, logged
+        run.end_epoch()                              # checkpoints; a stop asked ends the run here
+    run.finish({...})                                # final evaluation, linear probe, summary.json
 
 Guarantees: a run stopped at any step (a kill, a signal, ``checkpoint.stop_after_step``, an epoch's last
 step included) resumes with ``resume=auto`` to the tensors of the uninterrupted run; the evaluation and

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import results
+from common.tools import results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"device": "cpu", "data": {"name": "synthetic", "image_size": 16,

@@ -1,12 +1,14 @@
-"""common.tools.benchmark end to end with tiny arguments: every line printed, every ratio positive."""
+"""common.tools.benchmark end to end with tiny arguments: every line printed, each ratio the quotient of its line's
+two timings in the direction the line states (slow over fast, full over bare)."""
 import re
 
+import pytest
 import torch
 
-from common import benchmark
+from common.tools import benchmark
 
 
-def test_benchmark_prints_positive_ratios(capsys):
+def test_benchmark_prints_each_ratio_of_its_two_timings(capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -22,16 +24,18 @@ def test_benchmark_prints_positive_ratios(capsys):
             ratios[(m[1], m[2])] = float(m[3])
     assert sorted(k for k, _ in ratios) == ["a", *["b"] * len(benchmark.SCRIPTS), "c"], lines
     assert {name for k, name in ratios if k == "b"} == set(benchmark.SCRIPTS)
-    assert all(r > 0 for r in ratios.values()), ratios
     k8 = [line for line in lines if line.startswith("(a) augmentation, 8 MSBReg views")]
     assert len(k8) == 1 and float(re.search(r"K=8 costs ([0-9.]+)x the per-image K=2 time$", k8[0])[1]) > 0, lines
     target = [line.split() for line in lines if line.startswith("    ")]  # EMA target lines under (b)
     assert {t[0] for t in target} == {"byol_uniform", "byol_mhe", "msbreg", "raft"} and len(target) == 4, lines
     assert all(t[-2] == "ratio" and float(t[-1].rstrip("x")) > 0 for t in target), lines
-    for line in lines:  # the times and rates in each line parse and are positive too
+    for line in lines:  # each ratio is its line's quotient: (a) rates fast / slow, (b) full / bare, (c) slow / fast
         if line.startswith("("):
             numbers = [float(x.replace(",", "")) for x in re.findall(r"([0-9][0-9,]*\.?[0-9]*) (?:ms|s|img/s)\b", line)]
             assert len(numbers) == 2 and all(x > 0 for x in numbers), line
+            a, b = numbers if line.startswith(("(a)", "(b)")) else numbers[::-1]
+            ratio = float(re.search(r"\| ratio ([0-9.]+)x", line)[1])
+            assert ratio == pytest.approx(a / b, rel=0.15, abs=0.02), line  # (printed times are rounded)
 
 
 def test_mhe_cost_times_the_scripts_step_with_and_without_the_energy(capsys):

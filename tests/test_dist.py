@@ -53,13 +53,22 @@ def test_single_process_helpers_are_identities():
     assert cd.world_size() == 1 and cd.rank() == 0 and cd.is_main()
 
 
-def test_global_batch_is_the_same_set_for_any_number_of_ranks():
+def test_global_batch_and_resumed_epoch_are_the_same_for_any_number_of_ranks():
+    """loaders.ResumableSampler (the training sampler): the global batch of each step is the same set of images on
+    1 and 2 ranks, and skipping the batches a checkpoint consumed leaves each rank exactly its remaining ones."""
+    from common.loaders import ResumableSampler
     ds = list(range(40))
-    one = list(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=3))
-    per_rank = [list(torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    one = ResumableSampler(ds, 8, num_replicas=1, rank=0, seed=3, drop_last=True)
+    two = [ResumableSampler(ds, 4, num_replicas=2, rank=r, seed=3, drop_last=True) for r in (0, 1)]
+    for s in (one, *two):
+        s.set_epoch(1)
+    full = [list(one), *map(list, two)]
     for step in range(40 // 8):  # global batch 8 = 2 ranks x 4
-        glob = set(one[step * 8:(step + 1) * 8])
-        assert glob == set(per_rank[0][step * 4:(step + 1) * 4]) | set(per_rank[1][step * 4:(step + 1) * 4])
+        glob = set(full[0][step * 8:(step + 1) * 8])
+        assert glob == set(full[1][step * 4:(step + 1) * 4]) | set(full[2][step * 4:(step + 1) * 4])
+    for s, seen, b in ((one, full[0], 8), (two[0], full[1], 4), (two[1], full[2], 4)):
+        s.skip_batches = 3
+        assert list(s) == seen[3 * b:] and len(s) == len(seen) - 3 * b
 
 
 FAULTS = """

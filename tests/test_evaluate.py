@@ -38,6 +38,18 @@ def _brute_knn(train_f, train_y, test_f, k, t, num_classes, weighted):
     return torch.tensor(preds)
 
 
+def knn_predict(train_f, train_y, test_f, k=200, t=0.1, num_classes=None, weighted=True):
+    """The predictions of ``ev.knn_accuracies``: its cosine top-k search, then its vote ``ev._vote``."""
+    bank = nn.functional.normalize(train_f, dim=1)
+    sims, idx = (nn.functional.normalize(test_f, dim=1) @ bank.T).topk(min(k, len(bank)), dim=1)
+    c = num_classes if num_classes is not None else int(train_y.max()) + 1
+    return ev._vote(sims, train_y[idx], c, t, weighted)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k=200, **kw):
+    return ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(k,), **kw)[f"knn{k}"]
+
+
 def _clusters(n_per, num_classes, dim, spread, seed):
     g = _gen(seed)
     centres = torch.randn(num_classes, dim, generator=g) * 3
@@ -54,9 +66,10 @@ def test_knn_matches_bruteforce(weighted, k):
     train_f, test_f = torch.randn(150, 12, generator=g), torch.randn(40, 12, generator=g)
     train_y, test_y = torch.randint(0, 4, (150,), generator=g), torch.randint(0, 4, (40,), generator=g)
     ref = _brute_knn(train_f, train_y, test_f, k, 0.1, 4, weighted)
-    pred = ev.knn_predict(train_f, train_y, test_f, k=k, t=0.1, num_classes=4, weighted=weighted, chunk=16)
+    pred = knn_predict(train_f, train_y, test_f, k=k, t=0.1, num_classes=4, weighted=weighted)
     assert torch.equal(pred, ref)
-    acc = ev.knn_accuracy(train_f, train_y, test_f, test_y, k=k, num_classes=4, weighted=weighted, chunk=16)
+    assert knn_accuracy(train_f, train_y, test_f, ref, k=k, num_classes=4, weighted=weighted, chunk=16) == 100.0
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, k=k, num_classes=4, weighted=weighted, chunk=16)
     assert acc == pytest.approx(100.0 * (ref == test_y).double().mean().item())
 
 
@@ -65,9 +78,9 @@ def test_knn_small_temperature_no_overflow():
     train_f, test_f = torch.randn(100, 8, generator=g), torch.randn(20, 8, generator=g)
     train_y = torch.randint(0, 3, (100,), generator=g)
     ref = _brute_knn(train_f, train_y, test_f, 15, 0.05, 3, True)
-    assert torch.equal(ev.knn_predict(train_f, train_y, test_f, k=15, t=0.05, num_classes=3), ref)
-    pred = ev.knn_predict(train_f, train_y, test_f, k=15, t=0.005, num_classes=3)  # exp(200) overflows fp32
-    assert torch.equal(pred, ev.knn_predict(train_f, train_y, test_f, k=1, num_classes=3))
+    assert torch.equal(knn_predict(train_f, train_y, test_f, k=15, t=0.05, num_classes=3), ref)
+    pred = knn_predict(train_f, train_y, test_f, k=15, t=0.005, num_classes=3)  # exp(200) overflows fp32
+    assert torch.equal(pred, knn_predict(train_f, train_y, test_f, k=1, num_classes=3))
 
 
 def test_knn_unweighted_tie_goes_to_larger_similarity_sum():
@@ -75,16 +88,16 @@ def test_knn_unweighted_tie_goes_to_larger_similarity_sum():
     train_f = torch.stack([ang.cos(), ang.sin()], 1)
     train_y = torch.tensor([0, 0, 1, 1])
     q = torch.tensor([[1.0, 0.0]])
-    assert ev.knn_predict(train_f, train_y, q, k=4, weighted=False).item() == 1
-    assert ev.knn_predict(train_f, train_y, q, k=1, weighted=False).item() == 0
+    assert knn_predict(train_f, train_y, q, k=4, weighted=False).item() == 1
+    assert knn_predict(train_f, train_y, q, k=1, weighted=False).item() == 0
 
 
 def test_knn_clustered_is_perfect():
     x, y = _clusters(60, 5, 16, 0.1, seed=1)
     xt, yt = _clusters(20, 5, 16, 0.1, seed=1)  # same centres, the noise repeats too: use another noise draw
     xt = xt + 0.1 * torch.randn(xt.shape, generator=_gen(2))
-    assert ev.knn_accuracy(x, y, xt, yt) == 100.0  # k=200 > 60 per class: weights must do the work
-    assert ev.knn_accuracy(x, y, xt, yt, k=20, weighted=False) == 100.0
+    assert knn_accuracy(x, y, xt, yt) == 100.0  # k=200 > 60 per class: weights must do the work
+    assert knn_accuracy(x, y, xt, yt, k=20, weighted=False) == 100.0
 
 
 def test_knn_k_larger_than_bank():
@@ -93,10 +106,10 @@ def test_knn_k_larger_than_bank():
     test_f, test_y = torch.randn(25, 6, generator=g), torch.randint(0, 3, (25,), generator=g)
     for weighted in (True, False):
         ref = _brute_knn(train_f, train_y, test_f, 30, 0.1, 3, weighted)
-        assert torch.equal(ev.knn_predict(train_f, train_y, test_f, k=200, weighted=weighted), ref)
+        assert torch.equal(knn_predict(train_f, train_y, test_f, k=200, weighted=weighted), ref)
     accs = ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(5, 20, 200))
     assert set(accs) == {"knn5", "knn20", "knn200"}
-    assert accs["knn200"] == ev.knn_accuracy(train_f, train_y, test_f, test_y, k=30)
+    assert accs["knn200"] == knn_accuracy(train_f, train_y, test_f, test_y, k=30)
 
 
 def test_knn_accuracies_reuse_matches_single_k():
@@ -106,7 +119,7 @@ def test_knn_accuracies_reuse_matches_single_k():
     for weighted in (True, False):
         accs = ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(5, 20, 200), weighted=weighted, chunk=7)
         for k in (5, 20, 200):
-            assert accs[f"knn{k}"] == ev.knn_accuracy(train_f, train_y, test_f, test_y, k=k, weighted=weighted)
+            assert accs[f"knn{k}"] == knn_accuracy(train_f, train_y, test_f, test_y, k=k, weighted=weighted)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -235,8 +248,8 @@ def test_extract_features_restores_mode_and_shapes():
     assert enc.training and f.shape == (60, 16) and f.dtype == torch.float32 and y.shape == (60,)
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # eval mode: BN stats untouched
     enc.eval()
-    f2, _ = ev.extract_features(enc, loader, "cpu", max_batches=2)
-    assert not enc.training and f2.shape == (32, 16) and torch.equal(f2, f[:32])
+    f2, _ = ev.extract_features(enc, loader, "cpu")
+    assert not enc.training and torch.equal(f2, f)
     assert not f.requires_grad
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common import checkpoint, export
+from common import checkpoint
+from common.tools import export
 from common.config import parse
 from common.models import mlp, resnet
 from scriptrun import ROOT, Script

@@ -51,7 +51,7 @@ def test_labelled_with_val(tmp_path):
     assert data.num_classes(c.data) == 3 and len(ssl) == len(train) == 24 and len(test) == 3
     assert isinstance(ssl, data.TensorImages) and ssl.images.shape == (24, 3, 16, 16)  # one size: in memory
     assert train.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8  # cat, dog, emu
-    assert test.labels.tolist() == [1, 1, 1] and not data.decoded_per_image(c.data, "test")
+    assert test.labels.tolist() == [1, 1, 1] and isinstance(test, data.TensorImages)
 
 
 def test_labelled_without_val_holds_out_part_of_every_class(tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_any_size_decoded_per_image_hybrid_and_cpu_paths(tmp_path):
     root = labelled(tmp_path, n=6, val=2, size=[(16, 20), (24, 18), (40, 33)])
     c = cfg(root, "optim.batch_size=4", "eval.knn_k=[2]")
     ssl = data.load(c.data, "ssl")
-    assert isinstance(ssl, data.FileImages) and data.decoded_per_image(c.data, "test")
+    assert isinstance(ssl, data.FileImages) and isinstance(data.load(c.data, "test"), data.FileImages)
     with pytest.raises(data.UserError, match=r"folder \(train/\) holds images of different sizes \(train/cat/00.png "
                                              r"20x16, train/cat/01.png 18x24\): set augment.path=hybrid"):
         loaders.train_loader(ssl, c, None, torch.device("cpu"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common import plot
+from common.tools import plot
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "tests" / "plot_records"

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import benchmark, dist
+from common import dist
+from common.tools import benchmark
 from common.config import Cfg
 from common.models import maybe_compile, resnet
 

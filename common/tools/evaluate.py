@@ -30,7 +30,8 @@ import torch
 from common import checkpoint, dist, loaders
 from common.config import BASE, CHOICES, UserError, merge, parse_overrides, resolve
 from common.evaluate import final_linear_eval, monitor
-from common.models import maybe_compile, resnet
+from common.models import maybe_compile
+from common.tools import find_checkpoint, load_encoder
 
 
 def settings(state, overrides):
@@ -38,17 +39,9 @@ def settings(state, overrides):
     return resolve(merge(BASE, state["config"]), [(parse_overrides(overrides), "from --set")], CHOICES)
 
 
-def encoder(state, cfg, device):
+def encoder(state, cfg, device, path):
     """The online encoder ``f`` of the checkpoint, in the run's memory format (and compiled if it was)."""
-    m = cfg.model
-    f = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
-    weights = {k[2:]: v for k, v in state.get("online", {}).items() if k.startswith("f.")}
-    try:
-        f.load_state_dict(weights)
-    except RuntimeError as e:
-        why = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:160]  # the first is a title
-        raise UserError(f"the checkpoint's encoder (online weights f.*) does not fit model.arch={m.arch} "
-                        f"model.width={m.width} ({why}): evaluate with the run's own model settings") from None
+    f = load_encoder(state, cfg.model, path)
     f = f.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return maybe_compile(f, cfg)
 
@@ -59,7 +52,7 @@ def run(path, overrides, cfg):
     state = checkpoint.load(path)
     dev = dist.device(cfg)
     dist.seed_everything(cfg.seed)
-    f = encoder(state, cfg, dev)
+    f = encoder(state, cfg, dev, path)
     eval_loaders = loaders.eval_loaders(cfg)
     out = {**monitor(f, eval_loaders, dev, cfg.eval), **final_linear_eval(f, eval_loaders, dev, cfg)}
     if dist.is_main():
@@ -88,7 +81,7 @@ def main(argv=None):
                     help="overrides of the checkpoint's config, e.g. --set eval.linear=paper dist.nproc=2")
     args = ap.parse_args(argv)
     try:
-        path = checkpoint.find(args.path)
+        path = find_checkpoint(args.path)
         cfg = settings(checkpoint.load(path), args.set)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one line in all

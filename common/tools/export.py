@@ -37,6 +37,7 @@ import torchvision
 from common import checkpoint
 from common.config import BASE, UserError
 from common.models import mlp, norm2d, resnet
+from common.tools import find_checkpoint, load_encoder, online_part
 
 _NORM_LAYER = {"gn": "lambda c: nn.GroupNorm(min(32, c), c)", "ln": "lambda c: nn.GroupNorm(1, c)",
                "none": "lambda c: nn.Identity()"}
@@ -44,15 +45,6 @@ _NORM_LAYER = {"gn": "lambda c: nn.GroupNorm(min(32, c), c)", "ln": "lambda c: n
 
 def _model_cfg(state):
     return {**BASE["model"], **(state.get("config", {}).get("model") or {})}
-
-
-def _part(state, prefix, path):
-    online = state.get("online")
-    part = {k[len(prefix):]: v.contiguous() for k, v in (online or {}).items() if k.startswith(prefix)}
-    if not part:
-        raise UserError(f"{path} holds no online network with an encoder ('online' / 'f.*'): a checkpoint of "
-                        "one of the six scripts is needed (toy2d runs have no ResNet and save none)")
-    return part
 
 
 def torchvision_resnet(arch, cifar_stem, norm="bn"):
@@ -93,7 +85,7 @@ def _projector(m, feat_dim):
 def export(ckpt, out, projector=None):
     """Write the online encoder of checkpoint (or run folder) ``ckpt`` to ``out`` (and g to ``projector``);
     returns the lines to print."""
-    ckpt = checkpoint.find(ckpt)
+    ckpt = find_checkpoint(ckpt)
     try:  # mmap: the optimizer state of a large run is not read into memory
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # any unpickling/zip/IO problem
@@ -101,25 +93,20 @@ def export(ckpt, out, projector=None):
                         "checkpoint written by one of the six scripts, or its run folder") from None
     if not isinstance(state, dict):
         raise UserError(f"{ckpt.resolve()} is not a checkpoint of this project (no 'online' network)")
-    m, f = _model_cfg(state), _part(state, "f.", ckpt)
+    m = _model_cfg(state)
     if m["arch"] not in ("resnet18", "resnet34", "resnet50"):
         raise UserError(f"{ckpt}: model.arch={m['arch']} is not a ResNet of this project")
-    net, feat_dim = resnet(m["arch"], m["width"], m["cifar_stem"], m["norm"])
-    if m["width"] == 64:  # what the printed torchvision lines build
-        net = torchvision_resnet(m["arch"], m["cifar_stem"], m["norm"])
-    try:
-        net.load_state_dict(f)
-    except RuntimeError as e:
-        why = [x.strip() for x in str(e).splitlines() if x.strip()]
-        raise UserError(f"the encoder in {ckpt} does not fit its own config (model.arch={m['arch']}, "
-                        f"width={m['width']}, norm={m['norm']}): {why[-1][:200]}") from None
+    feat_dim = resnet(m["arch"], m["width"], m["cifar_stem"], m["norm"])[1]
+    # what the printed lines build: torchvision's own ResNet at width 64
+    load_encoder(state, m, ckpt, torchvision_resnet(m["arch"], m["cifar_stem"], m["norm"]) if m["width"] == 64 else None)
+    f = online_part(state, "f.", ckpt)
     lines = [f"wrote the online encoder ({m['arch']}, width {m['width']}, "
              f"{'CIFAR stem' if m['cifar_stem'] else 'ImageNet stem'}, norm {m['norm']}; {feat_dim}-d features) "
              f"of {ckpt} to {out}; load it with:", *("    " + x for x in loading_lines(m, out))]
     files = [(f, out)]
     if projector:
         g, call = _projector(m, feat_dim)
-        g_state = _part(state, "g.", ckpt)
+        g_state = online_part(state, "g.", ckpt)
         try:
             g.load_state_dict(g_state)
             how = f"from common.models import mlp; g = {call}"

@@ -26,7 +26,6 @@ neither their model nor their features. Kernel widths are plotting choices (``BW
 """
 import argparse
 import json
-import math
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from common.config import UserError
+from common.log import mean_std
 
 INSTALL = "the figures need matplotlib, which the training scripts do not: pip install matplotlib"
 PANEL, DPI = (4.0, 3.2), 100  # inches per panel, dots per inch: each panel is 400 x 320 pixels
@@ -79,16 +79,15 @@ def find_runs(paths):
 
 def series(records, key):
     """(epochs, mean, std) of ``key`` over the evaluation lines; several values at one epoch (toy runs: one
-    per seed) give mean and std. A ``<key>_init`` line (the random-init kNN) counts as ``key`` at epoch 0."""
+    per seed) give mean and sample std (``log.mean_std``). A ``<key>_init`` line (the random-init kNN) counts as ``key`` at epoch 0."""
     at = {}
     for r in records:
         v = r.get(key, r.get(key + "_init"))
         if v is not None:
             at.setdefault(r["epoch"], []).append(v)
     epochs = sorted(at)
-    mean = [sum(at[e]) / len(at[e]) for e in epochs]
-    std = [math.sqrt(sum((v - m) ** 2 for v in at[e]) / len(at[e])) for e, m in zip(epochs, mean)]
-    return epochs, mean, std
+    mean, std = zip(*(mean_std(at[e]) for e in epochs)) if epochs else ((), ())
+    return epochs, list(mean), list(std)
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -145,14 +144,12 @@ def s1_features(run):
     from common import checkpoint, loaders
     from common.config import BASE, Cfg, merge
     from common.evaluate import extract_features
-    from common.models import resnet
+    from common.tools import load_encoder
 
     cfg = Cfg.wrap(merge(BASE, run.cfg))  # over today's defaults: a key added since the run has its default
     cfg.eval.linear = "none"  # only the un-augmented loaders
-    state = checkpoint.load(run.path / "checkpoints" / "last.pt")
-    m = cfg.model
-    f = resnet(m.arch, m.width, m.cifar_stem, m.norm, m.zero_init_residual)[0]
-    f.load_state_dict({k[2:]: v for k, v in state["online"].items() if k.startswith("f.")})
+    ckpt = run.path / "checkpoints" / "last.pt"
+    f = load_encoder(checkpoint.load(ckpt), cfg.model, ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     feats, labels = extract_features(f.to(device), loaders.eval_loaders(cfg)["test"], device)
     feats = (feats - feats.mean(0)).double()

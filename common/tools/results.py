@@ -29,7 +29,6 @@ larger of the two cells' sample stds; "—" with fewer than 2 seeds).
 import argparse
 import csv
 import json
-import math
 import os
 import shlex
 import statistics
@@ -41,6 +40,7 @@ import torch
 import yaml
 
 from common.config import BASE, UserError, resolve
+from common.log import mean_std
 
 # (key in summary.json, column title, format); the means and stds of these go into table.csv and table.md
 COLUMNS = [
@@ -154,13 +154,6 @@ def row_values(folder):
     out["mhe_energy"] = mhe_energy(folder)
     out["wall_min"] = s["wall_time_s"] / 60
     return out
-
-
-def mean_std(values):
-    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
-    if not v:
-        return None, None
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
 def collect(t, seeds, out_dir):
