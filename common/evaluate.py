@@ -31,6 +31,16 @@ from . import dist
 from .config import UserError
 
 
+class Interrupted(Exception):
+    """An evaluation stopped at a safe point because its ``stop()`` said so (a signal: ``common.run``)."""
+
+
+def _check(stop):
+    """Raise ``Interrupted`` if ``stop()`` (collective: every rank calls it at the same points) says so."""
+    if stop is not None and stop():
+        raise Interrupted
+
+
 class RankBatches(torch.utils.data.Sampler):
     """Evaluation batches: the sequential batches of ``batch_size`` over ``n`` items (the last one shorter), of
     which this rank takes batches rank, rank + W, rank + 2W, ... (all of them on one process). A DataLoader's
@@ -66,19 +76,22 @@ def _in_order(x, batch_size):
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device):
+def extract_features(encoder, loader, device, stop=None):
     """Run ``encoder`` (in eval mode) over ``loader``; returns (float32 [N, D], int64 labels [N]) on ``device``.
 
     Collective when ``loader`` is batched by ``RankBatches`` and W > 1 processes run: each rank encodes its
     batches and every rank returns the whole set, in the one-process order (module docstring). Any other
-    loader is read whole by the calling rank.
+    loader is read whole by the calling rank. ``stop()`` is asked before each batch that every rank has.
     The encoder's previous train/eval mode is restored afterwards.
     """
     was_training = encoder.training
     encoder.eval()
-    feats, labels = [], []
+    feats, labels, shard = [], [], _rank_batches(loader)
+    in_step = math.ceil(shard.n / shard.batch_size) // dist.world_size() if shard else len(loader)  # every rank's
     try:
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
+            if i < in_step:
+                _check(stop)
             f = encoder(x.to(device, non_blocking=True))
             feats.append(f.flatten(1).float())
             labels.append(y.to(device).long())
@@ -86,7 +99,6 @@ def extract_features(encoder, loader, device):
         encoder.train(was_training)
     f = torch.cat(feats) if feats else torch.empty(0, 0, device=device)  # a rank may have no batch
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device)
-    shard = _rank_batches(loader)
     if shard is None or dist.world_size() == 1:
         return f, y
     return _in_order(f, shard.batch_size), _in_order(y, shard.batch_size)
@@ -163,12 +175,13 @@ def _topk_correct(logits, y, num_classes):
     return hit[:, 0].sum().item(), hit.any(1).sum().item()
 
 
-def _fit(head, epochs, steps, epoch_batches, optimizer, lr, weight_decay, momentum, nesterov=False):
+def _fit(head, epochs, steps, epoch_batches, optimizer, lr, weight_decay, momentum, nesterov=False, stop=None):
     """Train ``head`` by cross-entropy on the (features, labels) of ``epoch_batches(epoch)``, ``steps`` per epoch,
-    cosine lr over all of them."""
+    cosine lr over all of them; ``stop()`` is asked before every epoch."""
     opt = _make_optimizer(optimizer, head.parameters(), lr, weight_decay, momentum, nesterov)
     sched = _cosine(opt, epochs * steps)
     for epoch in range(epochs):
+        _check(stop)
         for f, y in epoch_batches(epoch):
             with torch.enable_grad():
                 loss = F.cross_entropy(head(f), y)
@@ -179,7 +192,7 @@ def _fit(head, epochs, steps, epoch_batches, optimizer, lr, weight_decay, moment
 
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=256, lr=0.1,
-                 weight_decay=0.0, optimizer="sgd", momentum=0.9, seed=0):
+                 weight_decay=0.0, optimizer="sgd", momentum=0.9, seed=0, stop=None):
     """Linear classifier on cached frozen features, standardised with the training mean/std, shuffled by ``seed``;
     returns {"top1": %, "top5": %} on the test features."""
     device = train_f.device
@@ -189,14 +202,15 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batc
     ytr, yte = train_y.to(device), test_y.to(device)
     head, n, gen = _zero_linear(xtr.shape[1], num_classes, device), xtr.shape[0], torch.Generator().manual_seed(seed)
     _fit(head, epochs, math.ceil(n / batch_size), lambda epoch: ((xtr[b], ytr[b]) for b in torch.randperm(
-        n, generator=gen).to(device).split(batch_size)), optimizer, lr, weight_decay, momentum)
+        n, generator=gen).to(device).split(batch_size)), optimizer, lr, weight_decay, momentum, stop=stop)
     with torch.no_grad():
         c1, c5 = _topk_correct(head(xte), yte, num_classes)
     return {"top1": 100.0 * c1 / len(yte), "top5": 100.0 * c5 / len(yte)}
 
 
 def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_loader, augment, device, epochs,
-                           lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False, sampler=None):
+                           lr, weight_decay=0.0, momentum=0.9, optimizer="sgd", nesterov=False, sampler=None,
+                           stop=None):
     """Paper protocol: frozen encoder (eval, no grad), ``augment(batch) -> float tensor on device`` on every
     training batch (it moves the batch to the device itself), linear head with the given optimizer and cosine lr
     over ``epochs * len(train_loader)`` steps. Returns {"top1": %, "top5": %} on ``test_loader`` (no
@@ -207,7 +221,8 @@ def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_lo
     def epoch_batches(epoch):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for x, y in train_loader:
+        for x, y in train_loader:  # (DDP: every rank the same number of steps, so each asks stop() in step)
+            _check(stop)
             with torch.no_grad():
                 f = encoder(augment(x)).flatten(1).float()
             yield f, y.to(device)
@@ -216,7 +231,7 @@ def linear_probe_augmented(encoder, feat_dim, num_classes, train_loader, test_lo
     encoder.eval()
     head = dist.ddp(_zero_linear(feat_dim, num_classes, device), torch.device(device))
     try:
-        _fit(head, epochs, len(train_loader), epoch_batches, optimizer, lr, weight_decay, momentum, nesterov)
+        _fit(head, epochs, len(train_loader), epoch_batches, optimizer, lr, weight_decay, momentum, nesterov, stop)
         c1 = c5 = n = 0
         with torch.no_grad():
             for x, y in test_loader:
@@ -287,7 +302,7 @@ def feature_std(z):
 
 
 # ----------------------------------------------------------------------------- what the scripts call
-def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False):
+def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False, stop=None):
     """The per-eval metrics every script logs. Collective: every rank calls it and gets the same dict.
 
     ``loaders``: ``{"train", "test", "num_classes"}`` from ``loaders.eval_loaders`` (un-augmented).
@@ -300,8 +315,9 @@ def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False)
     the kNN accuracies of one process, exactly (module docstring). ``test_features=True``: returns
     ``(metrics, test features)``, for metrics of the script's own on the same features (``Run``'s ``extra_metrics``).
     """
-    train_f, train_y = extract_features(encoder, loaders["train"], device)
-    test_f, test_y = extract_features(encoder, loaders["test"], device)
+    train_f, train_y = extract_features(encoder, loaders["train"], device, stop)
+    test_f, test_y = extract_features(encoder, loaders["test"], device, stop)
+    _check(stop)
     out = knn_accuracies(train_f, train_y, test_f, test_y, ks=tuple(eval_cfg.knn_k), t=eval_cfg.knn_t,
                          num_classes=loaders["num_classes"])
     out["uniformity"] = uniformity(test_f[:2048]).item()
@@ -333,7 +349,7 @@ def _mean_over_ranks(mean, n):
     return (s[0] / s[1]).item()
 
 
-def final_linear_eval(encoder, loaders, device, cfg):
+def final_linear_eval(encoder, loaders, device, cfg, stop=None):
     """Linear accuracy of the frozen encoder (offline): ``cfg.eval.linear`` = fast | paper | none.
     Collective: every rank calls it and gets the same dict.
 
@@ -346,16 +362,16 @@ def final_linear_eval(encoder, loaders, device, cfg):
     if e.linear == "none" or loaders.get("num_classes") == 0:  # 0: no labels (an unlabelled data.name=folder)
         return {}
     if e.linear == "fast":
-        train_f, train_y = extract_features(encoder, loaders["train"], device)
-        test_f, test_y = extract_features(encoder, loaders["test"], device)
+        train_f, train_y = extract_features(encoder, loaders["train"], device, stop)
+        test_f, test_y = extract_features(encoder, loaders["test"], device, stop)
         res = linear_probe(train_f, train_y, test_f, test_y, loaders["num_classes"], epochs=e.linear_epochs,
                            batch_size=e.linear_batch_size, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
-                           optimizer=e.linear_optimizer, seed=cfg.seed)
+                           optimizer=e.linear_optimizer, seed=cfg.seed, stop=stop)
     else:
         size = cfg.data.image_size  # the encoder's feature size, from one blank image (no data, no collective)
         feat_dim = apply_eval(encoder, torch.zeros(1, 3, size, size, device=device)).flatten(1).shape[1]
         res = linear_probe_augmented(encoder, feat_dim, loaders["num_classes"], loaders["train_aug"],
                                      loaders["test"], loaders["augment"], device, e.linear_epochs, e.linear_lr,
                                      e.linear_weight_decay, optimizer=e.linear_optimizer,
-                                     sampler=loaders["train_aug_sampler"])
+                                     sampler=loaders["train_aug_sampler"], stop=stop)
     return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_protocol": f"{e.linear} (offline)"}

@@ -10,8 +10,9 @@ them aside first (``metrics.<time>.jsonl``) and says so.
 
 The run's ``log`` settings take effect at ``Logger.config(cfg)``:
 
-- ``log.progress``: the tqdm bar of each epoch (rank 0, on stderr): ``auto`` shows it when stderr is a
-  terminal, ``true`` always (into a file: one update per 30 s), ``false`` never.
+- ``log.progress``: ``auto`` and ``true`` show a tqdm bar of each epoch on a terminal (stderr) and, when stdout
+  is not a terminal (a SLURM log), print a plain line at most every ``PLAIN_EVERY_S`` seconds at a logging step:
+  step, epoch, loss, images/s, ETA; ``false`` shows neither.
 - ``log.tensorboard: true``: every metrics line is also written as TensorBoard scalars (the same keys,
   against ``step``) to ``run_dir/tensorboard/``, through ``torch.utils.tensorboard``. It needs the
   ``tensorboard`` package, which is optional (``pip install tensorboard``): without it the run prints one
@@ -31,6 +32,8 @@ from tqdm import tqdm
 
 from common import config as config_lib
 from common.config import UserError
+
+PLAIN_EVERY_S = 30  # seconds between plain progress lines in a log file
 
 
 def mean_std(values):
@@ -84,6 +87,7 @@ class Logger:
         self.metrics = self.path / "metrics.jsonl"
         self.start = time.time()
         self.show_progress, self.tensorboard = "auto", None  # log.progress, log.tensorboard (set by config())
+        self._line = 0.0  # when the last plain progress line was printed
         if enabled and resume_step is not None and self.metrics.exists():
             keep = [line for line, rec in _records(self.metrics) if rec.get("step", 0) <= resume_step]
             self.metrics.write_text("".join(line + "\n" for line in keep))
@@ -139,8 +143,17 @@ class Logger:
             self.print("summary:", json.dumps(record))
 
     def progress(self, iterable, total, desc):
-        """``iterable`` with a tqdm bar on rank 0 as ``log.progress`` says (auto: when stderr is a terminal)."""
-        tty = sys.stderr.isatty()
-        show = self.enabled and (self.show_progress is True or (self.show_progress == "auto" and tty))
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show,
-                    mininterval=0.1 if tty else 30)
+        """``iterable`` with a tqdm bar on rank 0 when ``log.progress`` allows and stderr is a terminal (into a file
+        a bar's carriage returns would glue the lines together: ``progress_line`` prints plain lines there)."""
+        show = self.enabled and self.show_progress is not False and sys.stderr.isatty()
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
+
+    def progress_line(self, step, total, epoch, loss, images, train_s):
+        """A plain progress line when stdout is not a terminal (a SLURM log), at most every ``PLAIN_EVERY_S`` s."""
+        now = time.time()
+        if not self.enabled or self.show_progress is False or sys.stdout.isatty() or now - self._line < PLAIN_EVERY_S:
+            return
+        self._line = now
+        eta = time.strftime("%H:%M:%S", time.gmtime(train_s / max(step, 1) * (total - step)))
+        self.print(f"step {step}/{total} epoch {epoch} loss {loss:.4g} {images / max(train_s, 1e-9):.1f} img/s "
+                   f"ETA {eta}")

@@ -37,7 +37,7 @@ from torch.utils.data import default_collate
 from common import checkpoint, data, dist, loaders, log
 from common.augment import MultiViewDataset, ViewMaker
 from common.config import UserError
-from common.evaluate import final_linear_eval, monitor
+from common.evaluate import Interrupted, final_linear_eval, monitor
 
 EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=auto continues
 ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
@@ -60,6 +60,8 @@ class Run:
         self._ckpt = checkpoint.resume_path(self.dir, cfg.resume)
         self.state = checkpoint.load(self._ckpt) if self._ckpt else None
         self._changes = checkpoint.check_resume(self.state, cfg, method) if self.state else {}
+        if self.state and self.state["counters"].get("world_size", dist.world_size()) != dist.world_size():
+            self._changes = {**self._changes, **_world_change(self.state, cfg)}
         if self.state and self._finished():
             raise dist.Stopped(0, f"run {self.dir} already finished (step {self.state['counters']['step']}, "
                                   "summary.json); nothing to do: set name=... for a new run")
@@ -118,6 +120,8 @@ class Run:
         self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         if self.state:
             self.counters.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
+            if self.counters.pop("eval_pending", False):  # a stop during the epoch's evaluation: do it now
+                self.evaluate(diagnostics)
             if self._changes:  # resume_allow_changes: recorded in metrics.jsonl and summary.json
                 self.counters["config_changes"] = self.counters["config_changes"] + [{"step": self.step,
                                                                                      **self._changes}]
@@ -204,6 +208,8 @@ class Run:
                 self._diverged(vals[0])
             self.log({"loss": vals[0], **dict(zip(names, vals[1:])),
                       **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
+            self.logger.progress_line(c["step"], self.total_steps, c["epoch"], vals[0], c["images"],
+                                      c["train_s"] + time.time() - self._t_epoch)
         if cfg.checkpoint.every_steps and c["step"] % cfg.checkpoint.every_steps == 0:
             self.save("last.pt")
         if self._stop_asked():
@@ -221,8 +227,11 @@ class Run:
         """Evaluate the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
         alignment of two fixed views of fixed images, and the script's ``diagnostics(f_test)`` on the test
         images' encoder features; logged, printed, and returned."""
-        out, f_test = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval,
-                              views=self._alignment_views(), test_features=True)
+        try:
+            out, f_test = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval,
+                                  views=self._alignment_views(), test_features=True, stop=self._signalled)
+        except Interrupted:  # a signal: the epoch's state, then exit; resume=auto evaluates first
+            self._stop(eval_pending=True)
         metrics = {**out, **(diagnostics(f_test) if diagnostics else {})}
         self._last_eval = (self.epoch, metrics)
         self.log(metrics)
@@ -232,7 +241,24 @@ class Run:
 
     def log(self, metrics):
         """One line of ``metrics.jsonl`` (rank 0) at the current step and epoch."""
-        self.logger.log({"step": self.step, "epoch": self.epoch, **metrics})
+        try:
+            self.logger.log({"step": self.step, "epoch": self.epoch, **metrics})
+        except OSError as e:
+            self._cannot_write(self.logger.metrics, e)
+
+    def _cannot_write(self, path, e):
+        """A run-folder file cannot be written (rank 0): keep the step reached in ``last.pt`` if possible (rank 0
+        alone: no collective, the other ranks may be elsewhere), then one line."""
+        try:
+            ok = bool(self._finite) and all(p.isfinite().all() for p in self._params())
+            checkpoint.save(checkpoint.snapshot(self.cfg, {**self.counters, "world_size": dist.world_size()},
+                                                self.method, scaler=self.scaler, **self.objects),
+                            self.dir / "checkpoints" / "last.pt") if ok else None
+            kept = f"checkpoints/last.pt holds step {self.step}" if ok else "no checkpoint written (not finite)"
+        except (OSError, UserError):
+            kept = f"no checkpoint could be written either; the last is {self._last_saved and self._last_saved[0]}"
+        raise UserError(f"cannot write {path} ({e.strerror or e}): {kept}; make {self.dir} writable (its .lock "
+                        "is taken over by the next run), then resume=auto") from None
 
     def end_epoch(self):
         """The end of an epoch: ``last.pt`` every ``checkpoint.every`` epochs and after the last (with
@@ -249,18 +275,26 @@ class Run:
         """Final evaluation (the last epoch's, if it ran in this process), the linear probe, ``summary.json``."""
         c, cfg = self.counters, self.cfg
         final = self._last_eval[1] if self._last_eval and self._last_eval[0] == c["epoch"] else self.evaluate()
-        linear = final_linear_eval(self.encoder, self.eval_sets, self.device, cfg)
+        try:
+            linear = final_linear_eval(self.encoder, self.eval_sets, self.device, cfg, stop=self._signalled)
+        except Interrupted:  # a signal during the probe: last.pt holds the last step; resume=auto probes again
+            self._stop()
         wall = c["wall_s"] + time.time() - self._t_start
-        self.logger.summary({"method": self.method, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
-                             "knn_init": c["knn_init"], **final, **linear, **(fields or {}),
-                             "images_per_s": round(c["images"] / max(c["train_s"], 1e-9), 1),
-                             "train_time_s": round(c["train_s"], 2), "wall_time_s": round(wall, 2),
-                             "steps": c["step"], "epochs": c["epoch"], "config_changes": c["config_changes"]})
+        summary = {"method": self.method, "knn_k": cfg.eval.knn_k[0], "knn_t": cfg.eval.knn_t,
+                   "knn_init": c["knn_init"], **final, **linear, **(fields or {}),
+                   "images_per_s": round(c["images"] / max(c["train_s"], 1e-9), 1),
+                   "train_time_s": round(c["train_s"], 2), "wall_time_s": round(wall, 2),
+                   "steps": c["step"], "epochs": c["epoch"], "config_changes": c["config_changes"]}
+        try:
+            self.logger.summary(summary)
+        except OSError as e:
+            self._cannot_write(self.dir / "summary.json", e)
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints, stops
-    def save(self, name):
-        """Write ``checkpoints/<name>`` (rank 0) after every rank checked that the loss and weights are finite."""
+    def save(self, name, **extra):
+        """Write ``checkpoints/<name>`` (rank 0) after every rank checked that the loss and weights are finite;
+        ``extra`` counters go into this checkpoint only."""
         ok = self._finite & torch.stack([p.isfinite().all() for p in self._params()]).all()
         if dist.all_reduce_mean(ok.float()).item() < 1:
             self._diverged(float("nan"))
@@ -268,8 +302,9 @@ class Run:
         self.counters["wall_s"] += time.time() - self._t_start
         self._t_start = time.time()
         if dist.is_main():
-            checkpoint.save(checkpoint.snapshot(self.cfg, self.counters, self.method, scaler=self.scaler,
-                                                **self.objects), path)
+            counters = {**self.counters, "world_size": dist.world_size(), **extra}
+            checkpoint.save(checkpoint.snapshot(self.cfg, counters, self.method, scaler=self.scaler, **self.objects),
+                            path)
         self._last_saved = (path, self.step)
         dist.barrier()
 
@@ -295,13 +330,18 @@ class Run:
             old = signal.signal(getattr(signal, name), handler)
             dist.on_exit(lambda n=name, o=old: signal.signal(getattr(signal, n), o))
 
+    def _signalled(self):
+        """Did any rank get a signal? The same answer on every rank."""
+        return dist.any_rank(self._signal is not None)
+
     def _stop_asked(self):
         """Did any rank get a signal, or is this ``checkpoint.stop_after_step``? The same answer on every rank."""
-        return dist.any_rank(self._signal is not None) or self.step == self.cfg.checkpoint.stop_after_step
+        return self._signalled() or self.step == self.cfg.checkpoint.stop_after_step
 
-    def _stop(self):
-        """Write ``last.pt`` and end the run (``dist.Stopped``; under SLURM with ``requeue``, requeue the job)."""
-        self.save("last.pt")
+    def _stop(self, eval_pending=False):
+        """Write ``last.pt`` and end the run (``dist.Stopped``; under SLURM with ``requeue``, requeue the job);
+        ``eval_pending``: stopped during an epoch's evaluation, which a resumed run does first."""
+        self.save("last.pt", eval_pending=eval_pending)
         if self._signal is None:
             raise dist.Stopped(0, f"stopped after step {self.step} as asked (checkpoint.stop_after_step)")
         msg = f"stopped by {self._signal} after step {self.step}: {self._last_saved[0]} written; " \
@@ -331,6 +371,21 @@ class Run:
                 ds = MultiViewDataset(self._ssl, maker.cpu_transforms(), ALIGN_SEED)
                 batch = default_collate([ds[i] for i in range(n)])[0]
             return maker(batch)
+
+
+def _world_change(state, cfg):
+    """Resuming on another number of processes: each rank's augmentation stream depends on its rank, so the run
+    continues, but not as the uninterrupted run would. Refused unless ``resume_allow_changes`` (then recorded)."""
+    old, new = state["counters"]["world_size"], dist.world_size()
+    if not cfg.resume_allow_changes:
+        raise UserError(f"the checkpoint was written by {old} processes, this run has {new}: the augmentations depend "
+                        f"on the rank, so it would not continue as the run would have; resume on {old} processes, or "
+                        "set resume_allow_changes=true to continue on these (recorded in metrics.jsonl and "
+                        "summary.json)")
+    if dist.is_main():
+        print(f"note: resuming a run of {old} processes on {new} (resume_allow_changes=true): recorded in "
+              "config_changes", flush=True)
+    return {"processes": [old, new]}
 
 
 # ---------------------------------------------------------------------- the run folder's lock
