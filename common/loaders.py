@@ -130,7 +130,7 @@ def eval_loaders(cfg):
     training; the last incomplete batch of an epoch is dropped) and its own augmentation stream."""
     d, e = cfg.data, cfg.eval
     mean, std = stats(d)
-    tf = eval_transform(d.name, d.image_size, mean, std)
+    tf = eval_transform(d.name, d.image_size, mean, std, e.crop)
     files = {split: decoded_per_image(d, split) for split in ("train", "test")}  # transform in the workers
     out = {split: _eval_loader(load(d, split, tf if files[split] else None), None if files[split] else tf,
                                e.batch_size, d.workers) for split in ("train", "test")}
