@@ -25,9 +25,10 @@ def test_smoke_run_writes_outputs_diagnostics_and_W_p(tmp_path):
         assert (d / f).is_file(), f
     s = summary(tmp_path, "r")
     for k in ("knn20", "knn_init", "linear_top1", "corr_dist", "wp_asym", "wp_eig_re_max", "wp_eig_small_frac",
-              "feature_std_rel", "proj_std_rel", "collapsed", "wall_time_s", "images_per_s"):
+              "corr_dist_proj", "feature_std_rel", "proj_std_rel", "collapsed", "wall_time_s", "images_per_s"):
         assert k in s, k
     assert 0 <= s["corr_dist"] <= 64 * 64 and isinstance(s["collapsed"], bool)  # width 8: 64 backbone dims
+    assert 0 <= s["corr_dist_proj"] <= 16 * 16  # Fig. 1 on the projector outputs f (proj_dim 16)
     steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
     assert len(steps) == 4 and all(abs(m["loss"] - m["loss_inv"] - m["loss_cov"]) < 1e-3 * m["loss"] for m in steps)
     state = ckpt(tmp_path, "r")  # W_p in the checkpoint (Fig. 3) and saved at the evaluation of epoch 1
