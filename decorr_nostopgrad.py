@@ -78,7 +78,8 @@ from common.run import Run
 
 METHOD = "decorr_nostopgrad"
 DEFAULTS = {
-    "model": {"zero_init_residual": True,  # §5.1, following Barlow Twins / VICReg
+    "model": {"arch": "resnet50", "cifar_stem": False,  # §5.1: "Resnet-50 [11] without the last fully-connected
+              "zero_init_residual": True,  # layer"; §5.1: zero_init_residual=True, following Barlow Twins / VICReg
               "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3,  # 2048-2048-2048 (Tab. 1)
               "proj_bias": False,          # paper silent; Barlow Twins [16] and the authors' code: no bias
               "predictor_bias": False},    # W_p F (Eq. 19); the authors' code has a bias
@@ -94,6 +95,10 @@ DEFAULTS = {
              "std_var": "unbiased",        # Eq. 18; biased: BatchNorm's (authors' code)
              "std_eps": 1.0e-5,            # added to σ²: numerical guard (BatchNorm's eps)
              "inv_norm": "frobenius"},     # Eq. 19; mse: / d (authors' code)
+    "eval": {"linear": "paper",            # §5.1: a linear classifier on the frozen backbone's features, "SGD with
+             "linear_optimizer": "sgd",    # momentum = 0.9, batch size = 256, weight decay = 10^-6, and learning
+             "linear_batch_size": 256, "linear_weight_decay": 1.0e-6,  # rate subject to cosine scheduling with the
+             "linear_lr": 0.3, "linear_epochs": 100},                 # base rate = 0.3, for 100 epochs"
     "diag": {"wp_every": 1,                # epochs between W_p eigen-summaries + saved W_p (0: never)
              "collapse_floor": 0.1},       # collapsed if std of l2-normalised features x √dim is below this
 }

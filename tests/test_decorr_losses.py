@@ -206,8 +206,8 @@ def test_identity_predictor_correlation_term_is_correlation_matrix_distance():
 # ----------------------------------------------------------------------------- gradient flow
 def small_model(identity=False, bias=False, proj_bias=False):
     m = Cfg.wrap(copy.deepcopy({**BASE["model"], **dn.DEFAULTS["model"]}))
-    m.update(width=8, proj_hidden=16, proj_dim=8, proj_layers=3, predictor_bias=bias, zero_init_residual=False,
-             proj_bias=proj_bias)
+    m.update(arch="resnet18", cifar_stem=True, width=8, proj_hidden=16, proj_dim=8, proj_layers=3,
+             predictor_bias=bias, zero_init_residual=False, proj_bias=proj_bias)
     return dn.Decorr(m, identity)
 
 

@@ -88,6 +88,11 @@ def test_paper_configs_parse_and_hold_the_table_values():
         (0.3, 100, 10, 0.3, 100)
     assert (cfgs["tab4_ours_p4096-256"].model.proj_layers, cfgs["tab4_ours_p4096-256"].model.proj_dim) == (2, 256)
     assert sum(n.startswith("tab1_") for n in cfgs) == 7 and sum(n.startswith("tab2_") for n in cfgs) == 6
+    d = parse([], dn.DEFAULTS, dn.CHOICES, method=dn.METHOD)  # DEFAULTS alone: §5.1's setting and probe
+    assert (d.model.arch, d.model.cifar_stem, d.model.zero_init_residual) == ("resnet50", False, True)
+    e = d.eval
+    assert (e.linear, e.linear_optimizer, e.linear_batch_size, e.linear_weight_decay, e.linear_lr, e.linear_epochs) == \
+        ("paper", "sgd", 256, 1e-6, 0.3, 100)
     a = cfgs["authors_code_imagenet_resnet50"]
     assert not a.loss.standardize and a.model.predictor_bias and a.loss.inv_norm == "mse"
 
