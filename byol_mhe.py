@@ -32,8 +32,11 @@ passes no gradient). All pairs come from the Gram matrix ŴŴᵀ, made in blocks
 gradient (no loop over neurons, no N x N autograd graph; ``hyperspherical_energy``).
 Precision: float32 throughout, outside autocast. A pair term's relative error is about 2e-7 / (2 - 2cos),
 up to 5x that: <= 1e-4 at angles >= 0.1 rad, ~1e-3 at 0.01 rad, percents below. The clamp bound 1 - 1e-6 is
-0.99999899 in float32, so a clamped a2 pair is 1.2% low (only ||w|| > 10 can reach the clamp: the + 1e-4 in
-||w|| keeps cos <= ||w||²/(||w||² + 1e-4)). float64 would make these exact but takes about 2x the term's time
+0.99999899 in float32, so a clamped a2 pair is 1.2% low. Which pairs can reach the clamp: the + 1e-4 in ||w|| keeps
+cos(w_i, w_j) <= 1/sqrt((1 + 1e-4/||w_i||²)(1 + 1e-4/||w_j||²)) (equality for parallel neurons), which reaches
+1 - δ only if 1/||w_i||² + 1/||w_j||² <= 2δ/1e-4 = 0.02 (δ = 1e-6, to first order): both norms >= 10 when they are
+equal, but with unequal norms one neuron may be as small as sqrt(50) ≈ 7.07 (the other -> ∞; ≈ 7.02 with the
+float32 bound). float64 would make these exact but takes about 2x the term's time
 (+7-9% of a ResNet-18 CPU step at batch 128), and far more on GPUs with slow float64.
 Deviations from Liu et al.'s code, where we follow the paper's equations. Their hidden-layer energies
 against ours, same weights, both a mean over pairs: s = 1, 2 the same; s = 0, -log(||ŵ_i-ŵ_j||²), exactly
