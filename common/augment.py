@@ -14,7 +14,8 @@ strength read from the config section ``augment``:
 
 BYOL's views are asymmetric: view 1 blurs with p = 1.0 and never solarises, view 2 blurs
 with p = 0.1 and solarises with p = 0.2.  ``blur_p`` / ``solarize_p`` are per-view lists;
-view j uses entry j % len(list), so MSBReg's K views alternate the BYOL pair.
+view j uses entry j % len(list): two entries alternate the BYOL pair, one entry gives every view the same
+values (MSBReg, Tab. 9: one value per augmentation, blur p 1.0 and solarisation p 0.2 on each of the K views).
 
 Two implementations of the same distribution:
 
