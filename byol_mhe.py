@@ -32,8 +32,11 @@ passes no gradient). All pairs come from the Gram matrix ŴŴᵀ, made in blocks
 gradient (no loop over neurons, no N x N autograd graph; ``hyperspherical_energy``).
 Precision: float32 throughout, outside autocast. A pair term's relative error is about 2e-7 / (2 - 2cos),
 up to 5x that: <= 1e-4 at angles >= 0.1 rad, ~1e-3 at 0.01 rad, percents below. The clamp bound 1 - 1e-6 is
-0.99999899 in float32, so a clamped a2 pair is 1.2% low (only ||w|| > 10 can reach the clamp: the + 1e-4 in
-||w|| keeps cos <= ||w||²/(||w||² + 1e-4)). float64 would make these exact but takes about 2x the term's time
+0.99999899 in float32, so a clamped a2 pair is 1.2% low. Which pairs can reach the clamp: the + 1e-4 in ||w|| keeps
+cos(w_i, w_j) <= 1/sqrt((1 + 1e-4/||w_i||²)(1 + 1e-4/||w_j||²)) (equality for parallel neurons), which reaches
+1 - δ only if 1/||w_i||² + 1/||w_j||² <= 2δ/1e-4 = 0.02 (δ = 1e-6, to first order): both norms >= 10 when they are
+equal, but with unequal norms one neuron may be as small as sqrt(50) ≈ 7.07 (the other -> ∞; ≈ 7.02 with the
+float32 bound). float64 would make these exact but takes about 2x the term's time
 (+7-9% of a ResNet-18 CPU step at batch 128), and far more on GPUs with slow float64.
 Deviations from Liu et al.'s code, where we follow the paper's equations. Their hidden-layer energies
 against ours, same weights, both a mean over pairs: s = 1, 2 the same; s = 0, -log(||ŵ_i-ŵ_j||²), exactly
@@ -68,10 +71,17 @@ METHOD = "byol_mhe"
 POWERS = ("0", "1", "2", "a0", "a1", "a2")
 PARTS = ("encoder", "projector", "predictor")
 DEFAULTS = {  # BYOL-MHE §3.5 and App. D: CIFAR-10, ResNet-18, 300 epochs (the setting of the §5 ablations)
-    "model": {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096},  # BYOL's heads (§3.5)
+    "model": {"proj_hidden": 4096, "proj_dim": 256,  # g: 4096 then 256 (§3.5)
+              "pred_hidden": 4096},                  # q: App. D --h_units=4096 (§3.5 describes only g)
     "optim": {"name": "lars", "lr": 1.5,  # §3.5: LARS; "for 300 epochs we further increase the LR_base = 1.5"
               "lr_scaling": "linear",     # §3.5: LR = LR_base x BatchSize / 256
-              "weight_decay": 1.0e-6, "batch_size": 1024, "epochs": 300, "warmup_epochs": 10},  # §3.5, App. D
+              "weight_decay": 1.0e-6,     # §3.5, App. D
+              "batch_size": 1024,         # §3.5 (CIFAR: "increase the batch size to 1024"; App. D: 512, ImageNet's)
+              "epochs": 300, "warmup_epochs": 10},  # §3.5; App. D --warmup_epochs=10
+    "eval": {"linear": "paper",           # §4: the linear evaluation of Chen et al. / Grill et al. (augmented)
+             "linear_epochs": 80, "linear_batch_size": 100,  # App. D --ft_epochs=80 --ft_batch_size=100
+             "linear_lr": 0.2, "linear_weight_decay": 0.0,   # --ft_learning_rate=0.2 --ft_weight_decay=0.0
+             "linear_optimizer": "sgd"},                     # --ft_optimiser=sgd
     "ema": {"tau": 0.99, "schedule": "cosine"},  # §3.5: τ_base 0.99 at 300 epochs, raised to 1 by the cosine rule
     "mhe": {"weight": 10.0,  # λ_mhe of Eq. 10 (App. D reg_weight=10; §4: 0.1)
             "power": None,   # s: 0 | 1 | 2 (Eq. 8) | a0 | a1 | a2 (Eq. 11); null = a2 (App. D)

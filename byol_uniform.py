@@ -49,10 +49,17 @@ from common.run import Run
 
 METHOD = "byol_uniform"
 DEFAULTS = {  # BYOL-MHE §3.5 and App. D: CIFAR-10, ResNet-18, 300 epochs (the setting of the §5 ablations)
-    "model": {"proj_hidden": 4096, "proj_dim": 256, "pred_hidden": 4096},  # BYOL's heads (§3.5)
+    "model": {"proj_hidden": 4096, "proj_dim": 256,  # g: 4096 then 256 (§3.5)
+              "pred_hidden": 4096},                  # q: App. D --h_units=4096 (§3.5 describes only g)
     "optim": {"name": "lars", "lr": 1.5,  # §3.5: LARS; "for 300 epochs we further increase the LR_base = 1.5"
               "lr_scaling": "linear",     # §3.5: LR = LR_base x BatchSize / 256
-              "weight_decay": 1.0e-6, "batch_size": 1024, "epochs": 300, "warmup_epochs": 10},  # §3.5, App. D
+              "weight_decay": 1.0e-6,     # §3.5, App. D
+              "batch_size": 1024,         # §3.5 (CIFAR: "increase the batch size to 1024"; App. D: 512, ImageNet's)
+              "epochs": 300, "warmup_epochs": 10},  # §3.5; App. D --warmup_epochs=10
+    "eval": {"linear": "paper",           # §4: the linear evaluation of Chen et al. / Grill et al. (augmented)
+             "linear_epochs": 80, "linear_batch_size": 100,  # App. D --ft_epochs=80 --ft_batch_size=100
+             "linear_lr": 0.2, "linear_weight_decay": 0.0,   # --ft_learning_rate=0.2 --ft_weight_decay=0.0
+             "linear_optimizer": "sgd"},                     # --ft_optimiser=sgd
     "ema": {"tau": 0.99, "schedule": "cosine"},  # §3.5: τ_base 0.99 at 300 epochs, raised to 1 by the cosine rule
     "loss": {"lambda_uni": 0.125,  # λ_uni of Eq. 7 (§4; App. D lists uni_val=0.1); 0 = plain BYOL
              "t": 2.0},            # t of Eq. 3

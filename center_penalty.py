@@ -36,6 +36,16 @@ Run:
     python center_penalty.py --config configs/center_penalty/toy_app_b1_minibatch_centred.yaml
     torchrun --nproc_per_node=4 center_penalty.py --config configs/center_penalty/imagenet100_simsiam.yaml
 
+Image set-up (DEFAULTS): the paper names no optimiser, lr, batch, epochs or augmentation for its image runs; the
+project's choice is SimSiam's recipe (Chen & He 2021): SGD lr 0.05 x batch/256, momentum 0.9, wd 1e-4, batch 512,
+100 epochs, and SimSiam's symmetric views (crop scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2,
+blur p 0.5, flip, no solarisation; the CIFAR-like dataset presets drop the blur), not BYOL's asymmetric pair.
+
+BatchNorm on z: every variant, ``center_penalty`` included, keeps SimSiam's last BatchNorm on the projector output
+(``model.proj_last_bn: true``). That layer itself centres every coordinate of z over the batch before the l2
+normalisation, which is the mechanism the paper credits to BN (§3.3: BN "helps in estimating the dataset center
+vector and its removal through BN"); ``--set model.proj_last_bn=false`` leaves the penalty of Eq. 32 alone.
+
 Deviations and the choices the paper leaves open (toy and image set-ups): configs/center_penalty/README.md.
 """
 import math
@@ -62,10 +72,16 @@ DEFAULTS = {
                 "fix_pred_lr": True},       # SimSiam: the predictor's lr is not decayed
     "model": {"proj_layers": 3, "proj_last_bn": True,  # SimSiam's projector: 3 layers, BN on the output
               "proj_hidden": 2048, "proj_dim": 2048, "pred_hidden": 512},
-    "optim": {"name": "sgd", "lr": 0.05,    # SimSiam's recipe (Chen & He §4), which the paper's Fig. 4 runs:
-              "lr_scaling": "linear",       # lr = 0.05 x batch / 256, SGD momentum 0.9, wd 1e-4,
+    # The paper names no optimiser, lr, batch, epochs or augmentation (its only value: λ_L = -1). The project's
+    # choice: SimSiam's ImageNet recipe (Chen & He 2021, §4.1, App. A), for every variant.
+    "optim": {"name": "sgd", "lr": 0.05,    # lr = 0.05 x batch / 256, SGD momentum 0.9, wd 1e-4,
+              "lr_scaling": "linear",
               "weight_decay": 1.0e-4, "warmup_epochs": 0, "exclude_bias_norm": False,  # no warm-up,
               "batch_size": 512, "epochs": 100},  # batch 512, 100 epochs
+    "augment": {"crop_scale": [0.2, 1.0],   # SimSiam's (MoCo v2's) views: crop scale (0.2, 1), flip 0.5,
+                "flip_p": 0.5, "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8,  # jitter (0.4, 0.4, 0.4, 0.1) p 0.8,
+                "gray_p": 0.2, "blur_p": [0.5], "blur_sigma": [0.1, 2.0],  # grayscale 0.2, blur p 0.5 on both views
+                "solarize_p": [0.0]},       # (CIFAR-like presets: no blur), no solarisation; symmetric views
     "log": {"every": 1},                    # ||s|| every step (cheap)
     "toy": {"dataset": "blobs",             # blobs | moons (§3.2) | app_b1 (App. B.1)
             "seeds": [0, 1, 2, 3, 4],       # one run per seed; the summary averages them (Fig. 3-4: 5 seeds)

@@ -9,7 +9,7 @@ in Non-contrastive Self-supervised Learning" (Decorr), NeurIPS 2022: §4 Eq. 15-
     L(F¹→F²) = c_inv ||W_p F¹ - F²||_F² + c_cov/d Σ_{i=1..k} ||W_pᵀW_p - W_p(F¹_i F¹_iᵀ)W_pᵀ||_F²  (Eq. 19)
     L = L(F¹→F²) + L(F²→F¹)                                                  (symmetric, §4.2)
 
-No stop-gradient anywhere and no target/EMA network (the ``ema`` config keys are unused). W_p is a
+No stop-gradient anywhere and no target/EMA network (this script has no ``ema`` config section). W_p is a
 d x d linear predictor; k = 1 is Eq. 17. Defaults (Tab. 1 best): projector 2048-2048-2048 with BN+ReLU
 between its layers, k = 8, c_inv = 25, c_cov = 1; ImageNet: ResNet-50, zero_init_residual, LARS base
 lr 0.3 x batch/256, batch 2048, 100 epochs, 10 warm-up; SyncBN everywhere incl. the standardisation.
@@ -52,8 +52,9 @@ The authors' public code (github.com/KJ-rc/bridging-the-gap, main.py) differs fr
      (we log kNN every eval and run the linear evaluation offline at the end).
 configs/decorr_nostopgrad/authors_code_imagenet_resnet50.yaml sets 1-5.
 
-Diagnostics at every eval: ||Σ - I||_F² of the correlation matrix of backbone features of the
-held-out (test) images without augmentation (Fig. 1), W_p's asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and
+Diagnostics at every eval: ||Σ - I||_F² of the correlation matrix of the features of the held-out
+(test) images without augmentation (Fig. 1), on the projector outputs f (``corr_dist_proj``: §5.2 measures
+"extracted features (i.e., f_i^1's)") and on the backbone (``corr_dist``, logged for every method), W_p's asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and
 eigenvalue summary (Fig. 4); W_p is in every checkpoint (``online``'s ``W_p.weight``) and, every
 ``diag.wp_every`` epochs, saved with its eigenvalues in run_dir/predictor/ (Fig. 3). The summary reports collapse as a result.
 
@@ -69,14 +70,15 @@ import torch.nn as nn
 
 from common import checkpoint, dist
 from common.config import UserError, parse
-from common.evaluate import apply_eval, feature_std
+from common.evaluate import apply_eval, correlation_distance, feature_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
 
 METHOD = "decorr_nostopgrad"
 DEFAULTS = {
-    "model": {"zero_init_residual": True,  # §5.1, following Barlow Twins / VICReg
+    "model": {"arch": "resnet50", "cifar_stem": False,  # §5.1: "Resnet-50 [11] without the last fully-connected
+              "zero_init_residual": True,  # layer"; §5.1: zero_init_residual=True, following Barlow Twins / VICReg
               "proj_hidden": 2048, "proj_dim": 2048, "proj_layers": 3,  # 2048-2048-2048 (Tab. 1)
               "proj_bias": False,          # paper silent; Barlow Twins [16] and the authors' code: no bias
               "predictor_bias": False},    # W_p F (Eq. 19); the authors' code has a bias
@@ -92,6 +94,10 @@ DEFAULTS = {
              "std_var": "unbiased",        # Eq. 18; biased: BatchNorm's (authors' code)
              "std_eps": 1.0e-5,            # added to σ²: numerical guard (BatchNorm's eps)
              "inv_norm": "frobenius"},     # Eq. 19; mse: / d (authors' code)
+    "eval": {"linear": "paper",            # §5.1: a linear classifier on the frozen backbone's features, "SGD with
+             "linear_optimizer": "sgd",    # momentum = 0.9, batch size = 256, weight decay = 10^-6, and learning
+             "linear_batch_size": 256, "linear_weight_decay": 1.0e-6,  # rate subject to cosine scheduling with the
+             "linear_lr": 0.3, "linear_epochs": 100},                 # base rate = 0.3, for 100 epochs"
     "diag": {"wp_every": 1,                # epochs between W_p eigen-summaries + saved W_p (0: never)
              "collapse_floor": 0.1},       # collapsed if std of l2-normalised features x √dim is below this
 }
@@ -222,11 +228,14 @@ def predictor_diagnostics(W_p):
 
 @torch.no_grad()
 def representation_diagnostics(model, feats):
-    """Collapse indicators on the un-augmented test images' backbone features ``feats``: std of l2-normalised
-    backbone / projector outputs x √dim (Fig. 1's ||Σ - I||_F² of the features: ``corr_dist``, every run's)."""
+    """On the un-augmented test images' backbone features ``feats``: collapse indicators (std of l2-normalised
+    backbone / projector outputs x √dim) and ``corr_dist_proj``, Fig. 1's ||Σ - I||_F² of the projector outputs
+    (§5.2: "auto-correlation matrix Σ of extracted features (i.e., f_i^1's)"; f is the projector's output, §3.1).
+    ``monitor``'s ``corr_dist`` is the same quantity on the backbone features ``feats`` (every method logs it)."""
     z = apply_eval(model.g, feats)
     return {"feature_std_rel": feature_std(feats) * feats.shape[1] ** 0.5,
-            "proj_std_rel": feature_std(z) * z.shape[1] ** 0.5, "proj_rms": z.pow(2).mean().sqrt().item()}
+            "proj_std_rel": feature_std(z) * z.shape[1] ** 0.5, "proj_rms": z.pow(2).mean().sqrt().item(),
+            "corr_dist_proj": correlation_distance(z.double()).item()}
 
 
 def decorr_objective(model, x1, x2, loss_cfg):
@@ -244,7 +253,8 @@ def decorr_objective(model, x1, x2, loss_cfg):
 
 
 def diagnostics(online, run, cfg, f_test):
-    """At each evaluation (Fig. 1's ||Σ - I||² is ``monitor``'s ``corr_dist``): the collapse verdict, and every
+    """At each evaluation (Fig. 1's ||Σ - I||²: ``corr_dist_proj`` on the projector outputs, ``monitor``'s
+    ``corr_dist`` on the backbone): the collapse verdict, and every
     ``diag.wp_every`` epochs Fig. 4's W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
     diag = representation_diagnostics(online, f_test)
     diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor

@@ -26,6 +26,11 @@ Choices where the paper leaves room (the full list: configs/msbreg/README.md):
   ½ L_BYOL + ¼ (||p̂_1-ẑ'_1||² + ||p̂_2-ẑ'_2||²) - ¼ ||ẑ'_1-ẑ'_2||² (tests/test_msbreg_losses.py).
 - lr = base × batch/256 × K (App. 7.1). Heads 512 hidden, 128 out for ResNet-18 (App. 7.2);
   ``model.head_norm`` swaps the heads' BatchNorm for LayerNorm (Tab. 13).
+- EMA: §3.1 says "bias-corrected exponentially weighted moving average"; we apply the plain ξ <- τξ + (1-τ)θ,
+  without bias correction (no formula given; ξ starts as a copy of θ, not as a zero average).
+- Epochs: 320 (App. 7.1: "320 epochs for ImageNet-100 and STL-10 benchmarks and 300 epochs for ImageNet").
+- ``eval.linear: paper``: App. 8.1 gives no probe hyper-parameters; the project's augmented probe with the shared
+  defaults (random resized crop + flip, SGD lr 0.2, batch 256, 100 epochs), not a setting of the paper.
 
 Run:
     python msbreg.py --config configs/quickstart/msbreg.yaml                     # CPU, minutes
@@ -60,7 +65,7 @@ DEFAULTS = {
               "head_norm": "bn"},     # norm in the projector/predictor: bn | ln | none (Tab. 13)
     "optim": {"name": "lars", "lr": 0.4,  # App. 7.1: LARS, base lr 0.4 (ImageNet-100; STL-10 0.5, ImageNet 0.15)
               "lr_scaling": "linear",     # App. 7.1: base_lr x batch/256 (x K, in train())
-              "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},  # App. 7.1
+              "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},  # App. 7.1 (320: ImageNet-100, STL-10)
     "ema": {"tau": 0.99, "schedule": "cosine"},  # not stated (§3.1: BYOL's target); ours: BYOL-MHE's 300-epoch τ
     "augment": {"blur_p": [1.0], "solarize_p": [0.2]},  # Tab. 9: every view
     "eval": {"knn_k": [200, 20, 5],   # weighted kNN (T = eval.knn_t); 20/200-NN of Tab. 4

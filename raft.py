@@ -46,6 +46,13 @@ Deviations: L_BYOL is the mean of the two directions of Eq. 4, so on the scale o
 L_cross-model (mean over the two views); α and β weigh terms of that scale (the authors' code also
 divides by the dimension; Adam is nearly invariant to that scale). The linear predictor has no bias
 (Eq. q_w = W; the authors' code uses one). The evaluation protocol and the other deviations: configs/raft/README.md.
+
+Evaluation (App. B): CIFAR-10 test and memory-bank images are the whole 32 x 32 image resized to 96 x 96
+(``eval.crop: 1.0``; the authors' load_testset applies only ToTensor and Normalize), not BYOL-MHE's 28 x 28 centre
+crop. Linear probe: App. B gives "100 epochs with learning rate 5 x 10^-4" and no optimizer, batch or augmentation.
+The default (``eval.linear: fast``) trains Adam on cached, un-augmented features; the authors' probe
+(load_eval_trainset) trains on RandomResizedCrop and horizontal-flip views of the frozen encoder, which is the
+shape of ``--set eval.linear=paper`` (random resized crop of ``augment.crop_scale`` + flip, the config's optimizer).
 """
 import json
 import os
@@ -80,7 +87,8 @@ DEFAULTS = {  # App. B: ResNet-18, projector 512-BN-ReLU-128, predictor without 
               "epochs": 300, "warmup_epochs": 0,
               "schedule": "constant"},  # App. B names no lr schedule: constant | cosine (warm-up + cosine)
     "ema": {"tau": 0.996, "schedule": "constant"},  # App. B: EMA rate 4e-3 "without the cosine smoothing trick"
-    "eval": {"linear_epochs": 100, "linear_lr": 5.0e-4, "linear_optimizer": "adam"},  # App. B
+    "eval": {"linear_epochs": 100, "linear_lr": 5.0e-4, "linear_optimizer": "adam",  # App. B (Adam: our guess)
+             "crop": 1.0},  # App. B: "Each image is resized from 32 x 32 to 96 x 96" (no centre crop)
 }
 CHOICES = {"model.predictor": ("mlp", "linear", "linear_identity_init", "none"), "model.pred_norm": ("none", "bn"),
            "loss.objective": ("byol", "byol_prime", "raft"), "optim.schedule": ("constant", "cosine"),

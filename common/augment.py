@@ -14,7 +14,8 @@ strength read from the config section ``augment``:
 
 BYOL's views are asymmetric: view 1 blurs with p = 1.0 and never solarises, view 2 blurs
 with p = 0.1 and solarises with p = 0.2.  ``blur_p`` / ``solarize_p`` are per-view lists;
-view j uses entry j % len(list), so MSBReg's K views alternate the BYOL pair.
+view j uses entry j % len(list): two entries alternate the BYOL pair, one entry gives every view the same
+values (MSBReg, Tab. 9: one value per augmentation, blur p 1.0 and solarisation p 0.2 on each of the K views).
 
 Two implementations of the same distribution:
 
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from common.config import UserError
+from common.config import BASE, UserError
 
 BICUBIC = T.InterpolationMode.BICUBIC
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's (ITU-R 601) grayscale weights
@@ -341,14 +342,16 @@ class ViewMaker:
 
 
 # Evaluation geometry, per dataset (``eval_transform``; ``size`` = ``data.image_size``, the training view size):
-#   cifar10, cifar100      centre crop 28/32 of the *source* image (28 x 28 of a 32 x 32 CIFAR image), then resize
-#                          to size x size (BYOL-MHE App. B.2: "center cropped at 28 x 28 then resized to 32 x 32";
-#                          at size 96, RAFT App. B, the same 28 x 28 crop is resized to 96 x 96)
+#   cifar10, cifar100      centre crop ``crop`` (config ``eval.crop``) of the *source* side, then resize to
+#                          size x size. The crop follows the method's paper: BYOL-MHE App. B.2, 28/32 ("center
+#                          cropped at 28 x 28 then resized to 32 x 32"; the default of every method but RAFT);
+#                          RAFT App. B, 1.0 ("Each image is resized from 32 x 32 to 96 x 96"; the authors'
+#                          load_testset: ToTensor and Normalize, no crop), i.e. the whole 32 x 32 image resized
 #   imagenet, imagenet100  resize the shorter side to 256/224 x size, then centre crop size x size (App. B.2 at 224)
 #   folder                 resize the shorter side to size, then centre crop size x size (no-op at size x size)
 #   any other dataset      resize to size x size (no-op when the image already has that size)
 # Every crop lies inside the source image: the evaluation never sees padding.
-CIFAR_EVAL_CROP = 28 / 32  # fraction of the source side kept by the CIFAR centre crop
+CIFAR_EVAL_CROP = BASE["eval"]["crop"]  # the default fraction of the source side kept by the CIFAR centre crop
 
 
 class CentreCropFraction:
@@ -362,13 +365,14 @@ class CentreCropFraction:
         return TF.center_crop(img, [round(h * self.fraction), round(w * self.fraction)])
 
 
-def eval_transform(name: str, size: int, mean, std) -> T.Compose:
-    """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch (table above)."""
+def eval_transform(name: str, size: int, mean, std, crop: float = CIFAR_EVAL_CROP) -> T.Compose:
+    """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch (table above);
+    ``crop``: CIFAR's centre-crop fraction (``eval.crop``; 1.0: no crop)."""
     if name in ("imagenet", "imagenet100"):
         geometry = [T.Resize(round(size * 256 / 224), interpolation=BICUBIC, antialias=True),
                     T.CenterCrop(size)]
     elif name in ("cifar10", "cifar100"):
-        geometry = [CentreCropFraction(CIFAR_EVAL_CROP),
+        geometry = [*([CentreCropFraction(crop)] if crop < 1 else []),
                     T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     elif name == "folder":
         geometry = [T.Resize(size, interpolation=BICUBIC, antialias=True), T.CenterCrop(size)]

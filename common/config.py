@@ -147,6 +147,8 @@ BASE = {
         "linear_batch_size": 256,
         "linear_weight_decay": 0.0,
         "linear_optimizer": "sgd",
+        "crop": 28 / 32,           # CIFAR: centre crop of this fraction of the source side before the resize
+                                   # (BYOL-MHE App. B.2: 28/32); 1.0: none (RAFT App. B); common.augment.eval_transform
     },
     "log": {
         "every": 10,               # optimizer steps between metric lines of metrics.jsonl
@@ -194,7 +196,7 @@ CHOICES = {
     "ema.tau": "0 <= x <= 1",
     "eval.every": "x >= 0", "eval.knn_k": "x >= 1, not empty", "eval.knn_t": "x > 0", "eval.batch_size": "x >= 1",
     "eval.linear_epochs": "x >= 1", "eval.linear_lr": "x > 0", "eval.linear_batch_size": "x >= 1",
-    "eval.linear_weight_decay": "x >= 0",
+    "eval.linear_weight_decay": "x >= 0", "eval.crop": "0 < x <= 1; the fraction of the CIFAR source side kept",
     "log.every": "x >= 1", "checkpoint.every": "x >= 1", "checkpoint.keep_every": "x >= 0",
     "checkpoint.every_steps": "x >= 0", "checkpoint.stop_after_step": "x >= 0",
     "dist.nproc": "x >= 1", "dist.timeout_min": "x > 0",

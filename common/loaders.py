@@ -117,7 +117,7 @@ def eval_loaders(cfg):
     training; the last incomplete batch of an epoch is dropped) and its own augmentation stream."""
     d, e = cfg.data, cfg.eval
     mean, std = stats(d)
-    tf = eval_transform(d.name, d.image_size, mean, std)
+    tf = eval_transform(d.name, d.image_size, mean, std, e.crop)
     out = {split: _eval_loader(load(d, split, tf), e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
     bank = len(out["train"].dataset)

@@ -342,7 +342,7 @@ def test_eval_transform_cifar_centre_crop_28():
     assert not torch.equal(t(framed[:, :, 4:28, 4:28]), batch[:, :, :24, :24])
 
 
-@pytest.mark.parametrize("size", [32, 64, 96])  # 96: RAFT App. B ("resized from 32x32 to 96x96")
+@pytest.mark.parametrize("size", [32, 64, 96])  # the 28/32 crop at any training view size
 def test_eval_transform_cifar_crops_28_of_the_source_then_resizes(size):
     """The CIFAR crop is 28/32 of the 32 x 32 source at every image_size, never padding (then resize)."""
     from PIL import Image
@@ -359,6 +359,30 @@ def test_eval_transform_cifar_crops_28_of_the_source_then_resizes(size):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     pil = Image.fromarray(x[3].permute(1, 2, 0).numpy())
     torch.testing.assert_close(A.eval_transform("cifar10", size, mean, std)(pil), out[3], atol=1e-6, rtol=0)
+
+@pytest.mark.parametrize("size", [32, 96])  # 96: RAFT App. B ("resized from 32x32 to 96x96")
+def test_eval_transform_cifar_crop_1_resizes_the_whole_source(size):
+    """crop = 1.0 (eval.crop; RAFT App. B, the authors' load_testset): no crop, the whole 32 x 32 image resized."""
+    from PIL import Image
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    x = _structured(5)
+    out = A.eval_transform("cifar10", size, mean, std, crop=1.0)(x)
+    ref = TF.resize(x, [size, size], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    ref = (ref.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    if size == 32:  # a no-op resize: the image itself
+        torch.testing.assert_close(A.eval_transform("cifar10", 32, ZERO, ONE, crop=1.0)(x), x.float() / 255)
+    framed = x.clone()
+    framed[..., :2, :] = 0  # the border is seen (the 28/32 crop would not see it)
+    assert not torch.equal(A.eval_transform("cifar10", size, mean, std, crop=1.0)(framed), out)
+    pil = Image.fromarray(x[3].permute(1, 2, 0).numpy())
+    torch.testing.assert_close(A.eval_transform("cifar10", size, mean, std, crop=1.0)(pil), out[3], atol=1e-6, rtol=0)
+
+
+def test_eval_crop_default_is_byol_mhe_28_of_32():
+    from common.config import BASE
+    assert BASE["eval"]["crop"] == A.CIFAR_EVAL_CROP == 28 / 32
+
 
 def test_eval_transform_imagenet_and_default():
     from PIL import Image

@@ -129,6 +129,19 @@ def test_each_paper_config_names_its_table_and_defaults_to_app_d(config):
     assert cfg.mhe.power == "a2" and sorted(cfg.mhe.layers) == ["predictor", "projector"]
 
 
+@pytest.mark.parametrize("script", ["byol_mhe", "byol_uniform"])
+def test_defaults_alone_are_the_papers_cifar10_resnet18_setting_with_app_d_probe(script):
+    """A run from DEFAULTS alone: §3.5's CIFAR-10 300-epoch setting (batch 1024, LR_base 1.5) and App. D's linear
+    protocol (ft_epochs 80, ft_batch_size 100, ft_learning_rate 0.2, ft_weight_decay 0, SGD), augmented (§4)."""
+    import importlib
+    mod = importlib.import_module(script)
+    cfg = parse([], mod.DEFAULTS, getattr(mod, "CHOICES", None), method=mod.METHOD)
+    assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.epochs, cfg.model.pred_hidden) == (1024, 1.5, 300, 4096)
+    e = cfg.eval
+    assert (e.linear, e.linear_epochs, e.linear_batch_size, e.linear_lr, e.linear_weight_decay, e.linear_optimizer) \
+        == ("paper", 80, 100, 0.2, 0.0, "sgd")
+
+
 # ---------------------------------------------------------------------------------------- learning check
 FEATURE_STD_FLOOR = 0.02  # per-dim std of l2-normalised 128-d features; a collapsed encoder gives ~0
 

@@ -31,6 +31,26 @@ def test_image_smoke_run_logs_s_every_step_and_knn_every_epoch(tmp_path, variant
     assert len(evals) == 1 and 0 <= evals[0]["s_norm_test"] <= 1
 
 
+SIMSIAM_VIEWS = {"crop_scale": [0.2, 1.0], "flip_p": 0.5, "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_p": 0.8,
+                 "gray_p": 0.2, "blur_sigma": [0.1, 2.0]}  # Chen & He 2021, App. A (MoCo v2's views)
+
+
+@pytest.mark.parametrize("config,blur", [(None, [0.5]), (None, [0.0, 0.0]),  # stl10 | cifar10 (its preset: no blur)
+                                         ("imagenet100_center_penalty.yaml", [0.5]),
+                                         ("../quickstart/center_penalty.yaml", [0.0, 0.0]),
+                                         ("fashion_mnist.yaml", [0.0, 0.0])])
+def test_resolved_views_are_simsiams_not_byols(config, blur):
+    """DEFAULTS: SimSiam's symmetric views (the project's choice; the paper names no augmentation), no
+    solarisation, blur p 0.5 on both views; the small-image presets (synthetic, Fashion-MNIST) drop the blur."""
+    import center_penalty
+    from common.config import parse
+    argv = (["--config", str(TOYS / config)] if config
+            else ["--set", f"data.name={'stl10' if blur == [0.5] else 'cifar10'}"])
+    a = parse(argv, center_penalty.DEFAULTS, center_penalty.CHOICES, method="center_penalty").augment
+    assert {k: a[k] for k in SIMSIAM_VIEWS} == SIMSIAM_VIEWS
+    assert a.solarize_p == [0.0] and a.blur_p == blur
+
+
 def test_toy_runs_average_seeds_and_log_s_every_step(tmp_path):
     run(tmp_path, "toy.seeds=[3,4]", "toy.n_per_class=40", "optim.batch_size=20", "optim.epochs=2",
         config=TOYS / "toy_moons.yaml", name="moons", tiny=False)

@@ -206,8 +206,8 @@ def test_identity_predictor_correlation_term_is_correlation_matrix_distance():
 # ----------------------------------------------------------------------------- gradient flow
 def small_model(identity=False, bias=False, proj_bias=False):
     m = Cfg.wrap(copy.deepcopy({**BASE["model"], **dn.DEFAULTS["model"]}))
-    m.update(width=8, proj_hidden=16, proj_dim=8, proj_layers=3, predictor_bias=bias, zero_init_residual=False,
-             proj_bias=proj_bias)
+    m.update(arch="resnet18", cifar_stem=True, width=8, proj_hidden=16, proj_dim=8, proj_layers=3,
+             predictor_bias=bias, zero_init_residual=False, proj_bias=proj_bias)
     return dn.Decorr(m, identity)
 
 
@@ -282,3 +282,34 @@ def test_predictor_diagnostics_symmetry_and_eigenvalues():
     assert abs(m["wp_asym"] - 2) < 1e-9
     m, _ = dn.predictor_diagnostics(torch.zeros(d, d))  # a collapsed W_p = O: finite numbers, no crash
     assert all(v == v for v in m.values()) and m["wp_asym"] == 0
+
+
+def corr_dist_ref(f):
+    """||Σ - I||_F² with Σ the correlation matrix of the dims of f [N, D] over the rows, float64 loops (Fig. 1)."""
+    f = f.double()
+    n, d = f.shape
+    mu = [sum(float(f[j, c]) for j in range(n)) / n for c in range(d)]
+    sd = [math.sqrt(sum((float(f[j, c]) - mu[c]) ** 2 for j in range(n)) / (n - 1)) for c in range(d)]
+    out = 0.0
+    for a in range(d):
+        for b in range(d):
+            cov = sum((float(f[j, a]) - mu[a]) * (float(f[j, b]) - mu[b]) for j in range(n)) / (n - 1)
+            out += (cov / (sd[a] * sd[b]) - (a == b)) ** 2
+    return out
+
+
+def test_fig1_correlation_distance_is_taken_on_the_projector_outputs():
+    """§5.2: Fig. 1's Σ is the auto-correlation of the "extracted features (i.e., f_i^1's)", the projector outputs
+    (§3.1): ``corr_dist_proj`` = ||Σ - I||² of g(backbone features) in eval mode; monitor's ``corr_dist`` is the
+    backbone's."""
+    torch.manual_seed(0)
+    model = small_model()
+    model.train()([torch.randn(64, 3, 16, 16)])  # BN running statistics that differ from their initial values
+    feats = torch.randn(40, model.g[0].in_features) * torch.rand(model.g[0].in_features) + 1
+    diag = dn.representation_diagnostics(model, feats)
+    model.eval()
+    with torch.no_grad():
+        z = model.g(feats)
+    assert model.g.training is False
+    assert abs(diag["corr_dist_proj"] - corr_dist_ref(z)) < 1e-5 * corr_dist_ref(z)  # (correlation_distance: eps 1e-8)
+    assert abs(diag["corr_dist_proj"] - corr_dist_ref(feats)) > 1e-3  # not the backbone's

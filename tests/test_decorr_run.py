@@ -25,9 +25,10 @@ def test_smoke_run_writes_outputs_diagnostics_and_W_p(tmp_path):
         assert (d / f).is_file(), f
     s = summary(tmp_path, "r")
     for k in ("knn20", "knn_init", "linear_top1", "corr_dist", "wp_asym", "wp_eig_re_max", "wp_eig_small_frac",
-              "feature_std_rel", "proj_std_rel", "collapsed", "wall_time_s", "images_per_s"):
+              "corr_dist_proj", "feature_std_rel", "proj_std_rel", "collapsed", "wall_time_s", "images_per_s"):
         assert k in s, k
     assert 0 <= s["corr_dist"] <= 64 * 64 and isinstance(s["collapsed"], bool)  # width 8: 64 backbone dims
+    assert 0 <= s["corr_dist_proj"] <= 16 * 16  # Fig. 1 on the projector outputs f (proj_dim 16)
     steps = [m for m in metrics(tmp_path, "r") if "loss" in m]
     assert len(steps) == 4 and all(abs(m["loss"] - m["loss_inv"] - m["loss_cov"]) < 1e-3 * m["loss"] for m in steps)
     state = ckpt(tmp_path, "r")  # W_p in the checkpoint (Fig. 3) and saved at the evaluation of epoch 1
@@ -87,6 +88,11 @@ def test_paper_configs_parse_and_hold_the_table_values():
         (0.3, 100, 10, 0.3, 100)
     assert (cfgs["tab4_ours_p4096-256"].model.proj_layers, cfgs["tab4_ours_p4096-256"].model.proj_dim) == (2, 256)
     assert sum(n.startswith("tab1_") for n in cfgs) == 7 and sum(n.startswith("tab2_") for n in cfgs) == 6
+    d = parse([], dn.DEFAULTS, dn.CHOICES, method=dn.METHOD)  # DEFAULTS alone: §5.1's setting and probe
+    assert (d.model.arch, d.model.cifar_stem, d.model.zero_init_residual) == ("resnet50", False, True)
+    e = d.eval
+    assert (e.linear, e.linear_optimizer, e.linear_batch_size, e.linear_weight_decay, e.linear_lr, e.linear_epochs) == \
+        ("paper", "sgd", 256, 1e-6, 0.3, 100)
     a = cfgs["authors_code_imagenet_resnet50"]
     assert not a.loss.standardize and a.model.predictor_bias and a.loss.inv_norm == "mse"
 

@@ -128,23 +128,31 @@ def test_every_table_row_has_a_config_with_the_app_b_setup():
             ("adam", 0.0 if stem == "rand-baseline" else 3e-4, "none", 128, "constant")
         assert o.epochs == (10 if stem == "rand-baseline" else 300)
         assert (cfg.ema.tau, cfg.ema.schedule) == (0.996, "constant")
-        assert (cfg.eval.linear_epochs, cfg.eval.linear_lr) == (100, 5e-4)
+        assert (cfg.eval.linear_epochs, cfg.eval.linear_lr, cfg.eval.crop) == (100, 5e-4, 1.0)  # App. B: no crop
 
 
-def test_app_b_eval_loaders_see_the_28_px_centre_resized_to_96(monkeypatch):
-    """App. B evaluates 32x32 CIFAR-10 at 96x96: the eval loaders crop 28 of the 32 source pixels, then resize
-    (BYOL-MHE App. B.2's crop), with no padding (a crop of 28/32 x 96 = 84 of a 32 px image is 85% zeros)."""
+def test_app_b_eval_loaders_see_the_whole_32_px_image_resized_to_96(monkeypatch):
+    """App. B: "Each image is resized from 32 x 32 to 96 x 96"; the authors' load_testset has no crop: the eval
+    loaders resize the whole 32 x 32 image (eval.crop 1.0), not BYOL-MHE App. B.2's 28 x 28 centre crop."""
     import torchvision.transforms.v2.functional as TF
     from common import data, loaders
     cfg = parse(["--config", str(ROOT / "configs" / "raft" / "raft-mlpp.yaml"), "--set", "eval.knn_k=[2]"],
                 raft.DEFAULTS, raft.CHOICES, method=raft.METHOD)  # (4 images in the memory bank)
+    assert cfg.eval.crop == 1.0 and raft.DEFAULTS["eval"]["crop"] == 1.0
     images = torch.randint(64, 192, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[..., :2, :] = 0  # a border that a 28 x 28 centre crop would cut away
     monkeypatch.setattr(loaders, "load", lambda d, split, transform=None: data.TensorImages(images, torch.zeros(4)))
-    x, _ = next(iter(loaders.eval_loaders(cfg)["test"]))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in data.stats("cifar10"))
-    ref = TF.resize(images[..., 2:30, 2:30], [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    torch.testing.assert_close(x, (ref / 255 - mean) / std, atol=1e-6, rtol=0)
-    assert (x - (-mean / std)).abs().amin() > 0.5  # no pixel near a zero (padding) pixel's value
+    ref = TF.resize(images, [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    for split in ("test", "train"):  # test set and kNN memory bank / probe training set
+        x, _ = next(iter(loaders.eval_loaders(cfg)[split]))
+        assert x.shape == (4, 3, 96, 96)
+        torch.testing.assert_close(x, (ref / 255 - mean) / std, atol=1e-6, rtol=0)
+    # the other methods' default crop (28/32) is still there on request
+    cfg.eval.crop = 28 / 32
+    x, _ = next(iter(loaders.eval_loaders(cfg)["test"]))
+    ref28 = TF.resize(images[..., 2:30, 2:30], [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    torch.testing.assert_close(x, (ref28 / 255 - mean) / std, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------- learning check
