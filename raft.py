@@ -270,6 +270,8 @@ def summarize_seeds(cfg):
 if __name__ == "__main__":
     config = parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD)
     for one in seed_runs(config):
-        dist.launch(train, one)
+        dist.launch(train, one)  # (a signal's stop exits here with its code and line)
+        if config.seeds and not (Path(one.out_dir) / METHOD / one.name / "summary.json").exists():
+            sys.exit(0)  # this seed stopped as asked (checkpoint.stop_after_step): resume=auto continues it
     if config.seeds and os.environ.get("RANK", "0") == "0":
         summarize_seeds(config)

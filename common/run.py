@@ -120,6 +120,8 @@ class Run:
         self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         if self.state:
             self.counters.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
+            last_eval = self.counters.pop("last_eval", None)  # (a stop during the final probe: not evaluated again)
+            self._last_eval = tuple(last_eval) if last_eval else None
             if self.counters.pop("eval_pending", False):  # a stop during the epoch's evaluation: do it now
                 self.evaluate(diagnostics)
             if self._changes:  # resume_allow_changes: recorded in metrics.jsonl and summary.json
@@ -251,9 +253,7 @@ class Run:
         alone: no collective, the other ranks may be elsewhere), then one line."""
         try:
             ok = bool(self._finite) and all(p.isfinite().all() for p in self._params())
-            checkpoint.save(checkpoint.snapshot(self.cfg, {**self.counters, "world_size": dist.world_size()},
-                                                self.method, scaler=self.scaler, **self.objects),
-                            self.dir / "checkpoints" / "last.pt") if ok else None
+            checkpoint.save(self._snapshot(), self.dir / "checkpoints" / "last.pt") if ok else None
             kept = f"checkpoints/last.pt holds step {self.step}" if ok else "no checkpoint written (not finite)"
         except (OSError, UserError):
             kept = f"no checkpoint could be written either; the last is {self._last_saved and self._last_saved[0]}"
@@ -302,11 +302,15 @@ class Run:
         self.counters["wall_s"] += time.time() - self._t_start
         self._t_start = time.time()
         if dist.is_main():
-            counters = {**self.counters, "world_size": dist.world_size(), **extra}
-            checkpoint.save(checkpoint.snapshot(self.cfg, counters, self.method, scaler=self.scaler, **self.objects),
-                            path)
+            checkpoint.save(self._snapshot(**extra), path)
         self._last_saved = (path, self.step)
         dist.barrier()
+
+    def _snapshot(self, **extra):
+        """What a checkpoint holds: the objects, the counters with the number of processes and the last evaluation
+        (a run stopped during its final probe does not evaluate again), ``extra``."""
+        counters = {**self.counters, "world_size": dist.world_size(), "last_eval": self._last_eval, **extra}
+        return checkpoint.snapshot(self.cfg, counters, self.method, scaler=self.scaler, **self.objects)
 
     def _params(self):
         return [p for o in self.objects.values() if isinstance(o, torch.nn.Module) for p in o.parameters()] or \
