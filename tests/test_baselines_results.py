@@ -118,7 +118,9 @@ def test_fashion_mnist_table_cells_share_encoder_size_epochs_and_evaluation():
         c = parse(["--config", config], mod.DEFAULTS, getattr(mod, "CHOICES", None),
                   method="baselines" if module == "common.tools.baselines" else module)
         shared[cell["name"]] = (c.data.name, c.data.image_size, c.model.arch, c.model.width, c.model.cifar_stem,
-                                c.optim.epochs, {k: v for k, v in c.eval.plain().items() if k != "knn_majority_k"})  # (msbreg's: off)
+                                c.optim.epochs, {k: v for k, v in c.eval.plain().items()
+                                                  if k not in ("knn_majority_k", "crop")})  # (msbreg's: off;
+        assert c.data.name == "fashion_mnist"  # eval.crop is CIFAR's: no effect on these images)
         if cell["name"] == "byol":
             assert module == "byol_uniform" and c.loss.lambda_uni == 0
         if cell["name"] == "random-init":
