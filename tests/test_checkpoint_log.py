@@ -112,8 +112,8 @@ def _log_cfg(**log_settings):
     return Cfg.wrap(merge(BASE, {"log": log_settings}))
 
 
-@pytest.mark.parametrize("setting, tty, shown", [("auto", False, False), ("auto", True, True), (True, False, True),
-                                                 (False, True, False)])
+@pytest.mark.parametrize("setting, tty, shown", [("auto", False, False), ("auto", True, True), (True, False, False),
+                                                 (True, True, True), (False, True, False)])  # (a file: plain lines)
 def test_log_progress_auto_true_false(tmp_path, monkeypatch, setting, tty, shown):
     monkeypatch.setattr("sys.stderr.isatty", lambda: tty)
     lg = log.Logger(tmp_path)

@@ -141,7 +141,8 @@ def test_app_b_eval_loaders_see_the_whole_32_px_image_resized_to_96(monkeypatch)
     assert cfg.eval.crop == 1.0 and raft.DEFAULTS["eval"]["crop"] == 1.0
     images = torch.randint(64, 192, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images[..., :2, :] = 0  # a border that a 28 x 28 centre crop would cut away
-    monkeypatch.setattr(loaders, "load", lambda d, split, transform=None: data.TensorImages(images, torch.zeros(4)))
+    monkeypatch.setattr(loaders, "load", lambda d, split, transform=None: data.TensorImages(images, torch.zeros(4),
+                                                                                         transform))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in data.stats("cifar10"))
     ref = TF.resize(images, [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     for split in ("test", "train"):  # test set and kNN memory bank / probe training set

@@ -88,3 +88,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     dist.launch(partial(run, path, args.set), cfg)
+
+
+if __name__ == "__main__":
+    main()
