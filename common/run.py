@@ -340,7 +340,7 @@ def lock(run_dir):
     path, host = Path(run_dir) / ".lock", socket.gethostname()
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 owner = json.loads(path.read_text())

@@ -195,3 +195,14 @@ def test_tensorboard_not_installed_is_one_line_and_the_run_goes_on(tmp_path, mon
         "log.tensorboard: the tensorboard package is not installed (pip install tensorboard); the run goes on, "
         "its metrics in metrics.jsonl only"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
+def test_a_fresh_run_moves_an_earlier_runs_config_aside_too(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("optim: {lr: 9.0}\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    lg = log.Logger(tmp_path)
+    lg.config(Cfg.wrap({**BASE, "name": "r"}))
+    old = list(tmp_path.glob("config.*.yaml"))
+    assert len(old) == 1 and old[0].read_text() == "optim: {lr: 9.0}\n"
+    assert f"config.yaml of an earlier run (no checkpoint) moved to {old[0]}" in capsys.readouterr().out
+    assert "lr: 9.0" not in (tmp_path / "config.yaml").read_text()

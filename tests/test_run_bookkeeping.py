@@ -283,3 +283,14 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     lock(tmp_path)
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_file_is_not_executable(tmp_path):
+    from common.run import lock, unlock
+    old = os.umask(0o022)
+    try:
+        lock(tmp_path)
+        assert (tmp_path / ".lock").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+        unlock(tmp_path)
