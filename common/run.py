@@ -63,6 +63,8 @@ class Run:
         dist.agree(lambda: lock(self.dir))  # one run per folder; a dead process's lock is taken over
         if dist.is_main():
             dist.on_exit(lambda: unlock(self.dir))
+            for name in checkpoint.remove_stale_temporaries(self.dir / "checkpoints"):  # of a killed write
+                print(f"note: removed checkpoints/{name}, left by a checkpoint write that was killed", flush=True)
         self._ckpt = checkpoint.resume_path(self.dir, cfg.resume)
         self.state = checkpoint.load(self._ckpt) if self._ckpt else None
         self._changes = checkpoint.check_resume(self.state, cfg, method) if self.state else {}
@@ -259,9 +261,8 @@ class Run:
         path = self.dir / "checkpoints" / name
         self.c["wall_s"] += time.time() - self._t_start
         self._t_start = time.time()
-        if dist.is_main():
-            checkpoint.save(checkpoint.snapshot(self.cfg, self.c, self.method, scaler=self.scaler, **self.objects),
-                            path)
+        dist.agree(lambda: checkpoint.save(  # rank 0 writes; a failed write (disk full) stops every rank alike
+            checkpoint.snapshot(self.cfg, self.c, self.method, scaler=self.scaler, **self.objects), path))
         self._saved = (path, self.c["step"])
         dist.barrier()
 
@@ -271,7 +272,8 @@ class Run:
 
     def _diverged(self, value):
         where = (f"the last good checkpoint is {self._saved[0]} (step {self._saved[1]}): lower optim.lr and "
-                 "resume=auto" if self._saved else "no checkpoint was written before: lower optim.lr and start again")
+                 "resume=auto resume_allow_changes=true (a changed lr is refused without it)" if self._saved
+                 else "no checkpoint was written before: lower optim.lr and start again")
         raise UserError(f"loss or weights are not finite ({value}) by step {self.step}: training diverged; {where}")
 
     def _install_signal_handlers(self):
