@@ -121,6 +121,14 @@ def _eval_loader(dataset, transform, batch_size, workers):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=gen)
 
 
+def _check_linear_batch(batch_size, n):
+    """The paper probe drops each epoch's last incomplete batch: a batch larger than its set would take no step."""
+    if batch_size > n:
+        raise UserError(f"eval.linear_batch_size={batch_size} exceeds the {n} images of the linear probe's training "
+                        f"set, so the paper probe would take no step (an incomplete batch is dropped): set "
+                        f"eval.linear_batch_size={n} or less")
+
+
 def eval_loaders(cfg):
     """Un-augmented loaders for evaluation: ``{"train", "test", "num_classes"}`` (train = kNN memory bank /
     linear-probe training set), each rank its share of whole batches (``RankBatches``); with ``eval.linear:
@@ -135,6 +143,11 @@ def eval_loaders(cfg):
     out = {split: _eval_loader(load(d, split, tf if files[split] else None), None if files[split] else tf,
                                e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
+    if out["num_classes"] == 1:  # a folder of one class: every prediction right; evaluate as unlabelled
+        out["num_classes"] = 0
+        if dist.is_main():
+            print(f"note: the labelled training set (data.name={d.name}) has one class; evaluation needs two or "
+                  "more: no kNN or linear accuracies (kNN nan, no linear probe)", flush=True)
     bank = len(out["train"].dataset)
     if out["num_classes"] and max(e.knn_k) > bank:  # (0 classes: an unlabelled folder, no kNN)
         raise UserError(f"eval.knn_k={e.knn_k} asks for more neighbours than the {bank} images of the kNN memory "
@@ -148,6 +161,7 @@ def eval_loaders(cfg):
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
         maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), seed=cfg.seed + 1000 * dist.rank())
         train = load(d, "train")
+        _check_linear_batch(e.linear_batch_size, len(train))
         if cfg.augment.path != "batched":
             train = MultiViewDataset(train, maker.cpu_transforms(), cfg.seed)
         sampler = ResumableSampler(train, local, num_replicas=world, rank=dist.rank(), shuffle=True, seed=cfg.seed,

@@ -98,6 +98,14 @@ class Run:
 
     def to_device(self, module):
         """SyncBatchNorm when several processes train (``model.sync_bn``), then the device and memory format."""
+        local = getattr(self, "_local_batch", 2)  # (SyncBN: the statistics are over the global batch)
+        synced = dist.world_size() > 1 and self.cfg.model.sync_bn
+        if local < 2 and not synced and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                            for m in module.modules()):
+            raise UserError(f"optim.batch_size={self.cfg.optim.batch_size} gives each of the {dist.world_size()} "
+                            f"processes {local} image per step, and BatchNorm needs 2 or more: set optim.batch_size="
+                            f"{2 * dist.world_size()} or more" + (" (or model.sync_bn=true)" if dist.world_size() > 1
+                                                                   else ""))
         if dist.world_size() > 1 and self.cfg.model.sync_bn:
             module = dist.convert_sync_bn(module, self.device.type == "cuda")
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format

@@ -173,7 +173,8 @@ def test_export_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             export.main(args)
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and f"choose another {want}" in err[0]
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+        assert f"choose another {want}" in err[0], err
         assert path.read_bytes() == before and other.read_bytes() == before
     assert not (tmp_path / "b.pt").exists()
     export.main([str(path), "--out", str(tmp_path / "b.pt")])  # an earlier export is replaced as asked

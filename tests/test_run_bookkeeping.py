@@ -393,3 +393,10 @@ def test_a_full_disk_on_rank_0_is_every_ranks_same_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     errors = on_processes(_save_on_a_full_disk, str(tmp_path))
     assert errors[0] and errors[1] == errors[0] and "the disk is full" in errors[0], errors
+
+
+def test_a_per_process_batch_of_one_image_with_batchnorm_is_one_line(tmp_path):
+    line = one_clear_line(S.run(tmp_path, "optim.batch_size=1", name="b1", check=False))
+    assert "optim.batch_size=1 gives each of the 1 processes 1 image per step" in line
+    assert "BatchNorm needs 2 or more: set optim.batch_size=2 or more" in line
+    assert not folder(tmp_path, "b1").exists()  # stopped before start: no folder left behind
