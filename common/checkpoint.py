@@ -47,7 +47,10 @@ def save(state, path, hint=None):
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: unlink fails too (EROFS), and there is nothing to remove
+            pass
         if _os_error(e) is not None:
             cause, fix = _write_problem(_os_error(e))
             raise UserError(f"could not write {'the checkpoint ' if hint is None else ''}{path.resolve()} ({cause}); "

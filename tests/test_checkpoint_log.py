@@ -286,3 +286,16 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"x")
     assert checkpoint.remove_stale_temporaries(tmp_path) == [f".epoch_0002.pt.tmp{dead}", f".last.pt.tmp{dead}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".last.pt.tmp{os.getpid()}", "last.pt"]
+
+
+def test_a_read_only_folder_is_one_line_though_removing_the_temporary_fails_too(tmp_path, monkeypatch):
+    """On a read-only filesystem unlink raises EROFS even for a file that was never created."""
+    import pathlib
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    with pytest.raises(UserError) as e:
+        checkpoint.save({}, tmp_path / "last.pt")
+    assert "Read-only file system: the folder is not writable" in str(e.value) and "make it writable" in str(e.value)
