@@ -7,6 +7,7 @@ checkpoint, never a torn one. ``load`` turns any unreadable file into one clear
 needs to continue bit-exactly: models, target, optimizer, grad scaler, step,
 epoch and the RNG states (``rng_state``) plus the augmentation generator.
 """
+import errno
 import os
 import random
 from pathlib import Path
@@ -16,9 +17,27 @@ import torch
 from common.config import UserError
 
 
-def save(state, path):
+def _os_error(e):
+    """The ``OSError`` behind a failed write: ``e`` itself, or the one a ``RuntimeError`` of torch.save's zip
+    writer (``unexpected pos ...``) was raised while handling (disk full surfaces that way)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _write_problem(e):
+    """(the cause in words, the fix) of a write's ``OSError``: no space vs no permission / read-only."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{e.strerror}: the disk is full", "free some space or set out_dir=... on another disk"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror}: the folder is not writable", "make it writable or set out_dir=... to a writable folder"
+    return e.strerror or str(e), "set out_dir=... to a writable folder"
+
+
+def save(state, path, hint=None):
     """Write ``state`` to ``path`` atomically; a failed write (disk full, ...) leaves no temporary file and
-    the previous checkpoint intact, and is one ``UserError`` naming the cause."""
+    the previous checkpoint intact, and is one ``UserError`` naming the file and the cause (``hint``: the
+    caller's fix, e.g. its own option, instead of the training run's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -28,11 +47,15 @@ def save(state, path):
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write the checkpoint {path.resolve()} ({e.strerror or e}); "
-                            f"{'the previous one is intact' if path.exists() else 'no earlier checkpoint'}: "
-                            "free some space or set out_dir=...") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: unlink fails too (EROFS), and there is nothing to remove
+            pass
+        if _os_error(e) is not None:
+            cause, fix = _write_problem(_os_error(e))
+            raise UserError(f"could not write {'the checkpoint ' if hint is None else ''}{path.resolve()} ({cause}); "
+                            f"{'the previous one is intact' if path.exists() else 'nothing was written'}: "
+                            f"{hint or fix}") from None
         raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -42,9 +65,10 @@ def save(state, path):
         os.close(dir_fd)
 
 
-def load(path):
-    """Read a checkpoint written by ``save(snapshot(...))``; anything else is one clear ``UserError``."""
-    hint = "it was left untouched: move it away to start over, or set resume=path/to/another.pt"
+def load(path, hint=None):
+    """Read a checkpoint written by ``save(snapshot(...))``; anything else is one clear ``UserError`` (``hint``:
+    what to do instead; by default a training run's)."""
+    hint = "it was left untouched: " + (hint or "move it away to start over, or set resume=path/to/another.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling/zip/IO problem
@@ -53,6 +77,29 @@ def load(path):
     if not (isinstance(state, dict) and {"counters", "rng", "config"} <= state.keys()):
         raise UserError(f"{Path(path).resolve()} is not a checkpoint of this project; " + hint)
     return state
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporaries ``.<name>.tmp<pid>`` of ``save`` (or another atomic write) left in ``folder`` by a
+    process killed mid-write (kill -9): those of pids not alive on this host. Call it holding the run folder's
+    lock. Returns the names removed."""
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp*")):
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def resume_path(run_dir, resume):

@@ -12,7 +12,7 @@ Strict: every key of the file and of ``--set`` must exist in the defaults, its
 value must have the default's type (an int is accepted for a float), a value
 with an entry in ``CHOICES`` must be one of the listed ones (a tuple) or lie in
 the range written there (a string such as ``"0 < x <= 1"``; for a list every
-item, with ``increasing`` / ``not empty`` where said; a hint after ``;``), and a default of
+item, with ``increasing`` / ``not empty`` / ``length N`` where said; a hint after ``;``), and a default of
 ``REQUIRED`` must be given. Any violation raises ``UserError`` naming the key,
 the value and what is valid, before anything is loaded or trained. ``null``
 defaults accept any value.
@@ -183,11 +183,16 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "log.progress": ("auto", True, False),
     # ranges (x: the value, or each item of a list)
-    "seed": "x >= 0", "data.image_size": "x >= 1", "data.workers": "x >= 0",
-    "augment.crop_scale": "0 < x <= 1, increasing", "augment.crop_ratio": "x > 0, increasing",
-    "augment.flip_p": "0 <= x <= 1", "augment.jitter": "x >= 0", "augment.jitter_p": "0 <= x <= 1",
+    "seed": "x >= 0", "data.image_size": "x >= 2; the views and evaluation images are resized to it",
+    "data.workers": "x >= 0",
+    "data.synthetic.size": "x >= 1", "data.synthetic.train_size": "x >= 1",
+    "data.synthetic.test_size": "x >= 2; uniformity is measured over pairs of test images",
+    "augment.crop_scale": "0 < x <= 1, increasing, length 2; [min, max]",
+    "augment.crop_ratio": "x > 0, increasing, length 2; [min, max]",
+    "augment.flip_p": "0 <= x <= 1", "augment.jitter": "x >= 0, length 4; brightness, contrast, saturation, hue",
+    "augment.jitter_p": "0 <= x <= 1",
     "augment.gray_p": "0 <= x <= 1", "augment.blur_p": "0 <= x <= 1, not empty",
-    "augment.blur_sigma": "x > 0, increasing", "augment.solarize_p": "0 <= x <= 1, not empty",
+    "augment.blur_sigma": "x > 0, increasing, length 2; [min, max]", "augment.solarize_p": "0 <= x <= 1, not empty",
     "model.width": "x >= 1", "model.proj_hidden": "x >= 1", "model.proj_dim": "x >= 1", "model.pred_hidden": "x >= 1",
     "optim.lr": "x >= 0; 0 keeps the initial weights (a random-init baseline)", "optim.weight_decay": "x >= 0",
     "optim.momentum": "0 <= x < 1", "optim.eta": "x > 0",
@@ -269,6 +274,8 @@ def in_range(v, spec):
         return False
     if "increasing" in flags and any(a > b for a, b in zip(items, items[1:])):
         return False
+    if any(f.startswith("length ") and len(items) != int(f.split()[1]) for f in flags):
+        return False
     return all(isinstance(x, (int, float)) and eval(cond, {}, {"x": x}) for x in items)  # our own constants
 
 
@@ -312,6 +319,13 @@ def parse_overrides(items):
     return out
 
 
+def _yaml_problem(e):
+    """' at line N, column M: what is wrong' of a YAML error (1-based, as an editor counts)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+
+
 def load_yaml(path, _seen=()):
     """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is read first
     and this file's keys are merged over it (chains allowed)."""
@@ -321,11 +335,14 @@ def load_yaml(path, _seen=()):
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML{_yaml_problem(e)}") from None
     if isinstance(data, dict) and "base" in data:
         base = path.parent / str(data.pop("base"))
         if base.resolve() in _seen:
             raise UserError(f"config file {path}: 'base' chain loops back to {base}")
+        if not base.is_file():
+            raise UserError(f"config file {path}: its 'base: {base.relative_to(path.parent)}' names no file "
+                            f"({base.resolve()}): fix the base: line (a path relative to {path})")
         data = merge(load_yaml(base, (*_seen, path.resolve())), data)
     return data
 
@@ -374,6 +391,9 @@ def _parse(argv, method_defaults=None, method_choices=None, method="run"):
     if not isinstance(cfg.name, str) or not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
         raise UserError(f"name={cfg.name!r} must be a plain folder name (no / or \\): the run folder is "
                         "out_dir/<method>/<name>; set out_dir=... to choose where")
+    if not isinstance(cfg.out_dir, str) or not cfg.out_dir.strip():
+        raise UserError(f"out_dir={cfg.out_dir!r} is empty: the run would be written into the current folder; "
+                        "set out_dir=runs (the default) or another folder")
     return cfg
 
 

@@ -108,6 +108,14 @@ def _eval_loader(dataset, batch_size, workers):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=gen)
 
 
+def _check_linear_batch(batch_size, n):
+    """The paper probe drops each epoch's last incomplete batch: a batch larger than its set would take no step."""
+    if batch_size > n:
+        raise UserError(f"eval.linear_batch_size={batch_size} exceeds the {n} images of the linear probe's training "
+                        f"set, so the paper probe would take no step (an incomplete batch is dropped): set "
+                        f"eval.linear_batch_size={n} or less")
+
+
 def eval_loaders(cfg):
     """Un-augmented loaders for evaluation: ``{"train", "test", "num_classes"}`` (train = kNN memory bank /
     linear-probe training set), each rank its share of whole batches (``RankBatches``); with ``eval.linear:
@@ -120,6 +128,11 @@ def eval_loaders(cfg):
     tf = eval_transform(d.name, d.image_size, mean, std, e.crop)
     out = {split: _eval_loader(load(d, split, tf), e.batch_size, d.workers) for split in ("train", "test")}
     out["num_classes"] = num_classes(d)
+    if out["num_classes"] == 1:  # a folder of one class: every prediction right; evaluate as unlabelled
+        out["num_classes"] = 0
+        if dist.is_main():
+            print(f"note: the labelled training set (data.name={d.name}) has one class; evaluation needs two or "
+                  "more: no kNN or linear accuracies (kNN nan, no linear probe)", flush=True)
     bank = len(out["train"].dataset)
     if out["num_classes"] and max(e.knn_k) > bank:  # (0 classes: an unlabelled folder, no kNN)
         raise UserError(f"eval.knn_k={e.knn_k} asks for more neighbours than the {bank} images of the kNN memory "
@@ -127,9 +140,10 @@ def eval_loaders(cfg):
     if e.linear == "paper":  # the training loader's batches (its sampler, workers, paths), un-jittered views
         aug = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": [0.0], "solarize_p": [0.0]}
         maker = ViewMaker(aug, 1, d.image_size, mean, std, dist.device(cfg), dist.rank_seed(cfg.seed))
+        train = load(d, "train")
+        _check_linear_batch(e.linear_batch_size, len(train))
         on_device = {**cfg, "data": {**d, "on_device": False}}  # (the probe's images stay where they are)
-        out["train_aug"], sampler = train_loader(load(d, "train"), Cfg.wrap(on_device), maker, maker.device,
-                                                 e.linear_batch_size)
+        out["train_aug"], sampler = train_loader(train, Cfg.wrap(on_device), maker, maker.device, e.linear_batch_size)
         out["train_aug_sampler"] = sampler
         out["augment"] = lambda batch: maker(batch)[0]
     return out

@@ -5,8 +5,8 @@
 ``checkpoints/`` and, at the end, ``summary.json``. On resume the metric lines
 past the checkpoint's step are dropped (and a torn last line), so a resumed
 run's file reads like an uninterrupted one; a fresh run in a folder that holds
-an earlier run's ``metrics.jsonl`` / ``summary.json`` (but no checkpoint) moves
-them aside first (``metrics.<time>.jsonl``) and says so.
+an earlier run's ``metrics.jsonl`` / ``summary.json`` / ``config.yaml`` (but no checkpoint) moves
+them aside first (``metrics.<time>.jsonl``, ``config.<time>.yaml``) and says so.
 
 The run's ``log`` settings take effect at ``Logger.config(cfg)``:
 
@@ -93,7 +93,7 @@ class Logger:
             self.metrics.write_text("".join(line + "\n" for line in keep))
         elif enabled and resume_step is None:  # a fresh run: an earlier run's records are kept aside
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            for f in (self.metrics, self.path / "summary.json"):
+            for f in (self.metrics, self.path / "summary.json", self.path / "config.yaml"):
                 if f.exists():
                     old = f.with_name(f"{f.stem}.{stamp}{f.suffix}")
                     f.rename(old)

@@ -57,6 +57,8 @@ class Run:
         dist.agree(lambda: lock(self.dir))  # one run per folder; a dead process's lock is taken over
         if dist.is_main():
             dist.on_exit(lambda: unlock(self.dir))
+            for name in checkpoint.remove_stale_temporaries(self.dir / "checkpoints"):  # of a killed write
+                print(f"note: removed checkpoints/{name}, left by a checkpoint write that was killed", flush=True)
         self._ckpt = checkpoint.resume_path(self.dir, cfg.resume)
         self.state = checkpoint.load(self._ckpt) if self._ckpt else None
         self._changes = checkpoint.check_resume(self.state, cfg, method) if self.state else {}
@@ -100,6 +102,14 @@ class Run:
 
     def to_device(self, module):
         """SyncBatchNorm when several processes train (``model.sync_bn``), then the device and memory format."""
+        local = getattr(self, "_local_batch", 2)  # (SyncBN: the statistics are over the global batch)
+        synced = dist.world_size() > 1 and self.cfg.model.sync_bn
+        if local < 2 and not synced and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                            for m in module.modules()):
+            raise UserError(f"optim.batch_size={self.cfg.optim.batch_size} gives each of the {dist.world_size()} "
+                            f"processes {local} image per step, and BatchNorm needs 2 or more: set optim.batch_size="
+                            f"{2 * dist.world_size()} or more" + (" (or model.sync_bn=true)" if dist.world_size() > 1
+                                                                   else ""))
         if dist.world_size() > 1 and self.cfg.model.sync_bn:
             module = dist.convert_sync_bn(module, self.device.type == "cuda")
         fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
@@ -301,9 +311,8 @@ class Run:
         path = self.dir / "checkpoints" / name
         self.counters["wall_s"] += time.time() - self._t_start
         self._t_start = time.time()
-        if dist.is_main():
-            checkpoint.save(self._snapshot(**extra), path)
-        self._last_saved = (path, self.step)
+        dist.agree(lambda: checkpoint.save(self._snapshot(**extra), path))  # rank 0 writes; a failed write
+        self._last_saved = (path, self.step)                                 # (disk full) stops every rank alike
         dist.barrier()
 
     def _snapshot(self, **extra):
@@ -318,8 +327,8 @@ class Run:
 
     def _diverged(self, value):
         where = (f"the last good checkpoint is {self._last_saved[0]} (step {self._last_saved[1]}): lower optim.lr "
-                 "and resume=auto" if self._last_saved else
-                 "no checkpoint was written before: lower optim.lr and start again")
+                 "and resume=auto resume_allow_changes=true (a changed lr is refused without it)" if self._last_saved
+                 else "no checkpoint was written before: lower optim.lr and start again")
         raise UserError(f"loss or weights are not finite ({value}) by step {self.step}: training diverged; {where}")
 
     def _install_signal_handlers(self):
@@ -409,7 +418,7 @@ def lock(run_dir):
     path, host = Path(run_dir) / ".lock", socket.gethostname()
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 owner = json.loads(path.read_text())

@@ -195,3 +195,107 @@ def test_tensorboard_not_installed_is_one_line_and_the_run_goes_on(tmp_path, mon
         "log.tensorboard: the tensorboard package is not installed (pip install tensorboard); the run goes on, "
         "its metrics in metrics.jsonl only"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
+def test_a_fresh_run_moves_an_earlier_runs_config_aside_too(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("optim: {lr: 9.0}\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    lg = log.Logger(tmp_path)
+    lg.config(Cfg.wrap({**BASE, "name": "r"}))
+    old = list(tmp_path.glob("config.*.yaml"))
+    assert len(old) == 1 and old[0].read_text() == "optim: {lr: 9.0}\n"
+    assert f"config.yaml of an earlier run (no checkpoint) moved to {old[0]}" in capsys.readouterr().out
+    assert "lr: 9.0" not in (tmp_path / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------- issue #24, second round
+def _disk_full_inside_torch_save(obj, f, *a, **k):
+    """What torch.save does on a full disk: its zip writer's OSError (ENOSPC) turns into a RuntimeError."""
+    try:
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 11177280 vs 11177176")
+
+
+def test_a_full_disk_during_torch_save_is_one_line_naming_the_file_and_the_cause(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 1}, "m"), path)
+    monkeypatch.setattr(torch, "save", _disk_full_inside_torch_save)
+    with pytest.raises(UserError) as e:
+        checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 2}, "m"), path)
+    msg = str(e.value)
+    assert str(path.resolve()) in msg and "the disk is full" in msg and "the previous one is intact" in msg
+    assert "free some space" in msg and "\n" not in msg
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"] and checkpoint.load(path)["counters"]["step"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_real_full_device_is_one_line(tmp_path, monkeypatch):
+    """The temporary file opened on /dev/full: the kernel's ENOSPC through torch.save's real zip writer."""
+    import builtins
+    path = tmp_path / "last.pt"
+    checkpoint.save(checkpoint.snapshot(Cfg.wrap(BASE), {"step": 1}, "m"), path)
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode: builtins.open("/dev/full", mode), raising=False)
+    state = {**checkpoint.snapshot(Cfg.wrap(BASE), {"step": 2}, "m"), "w": torch.zeros(1 << 20)}  # > any buffer
+    with pytest.raises(UserError, match=r"last.pt \(No space left on device: the disk is full\); the previous one"):
+        checkpoint.save(state, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["counters"]["step"] == 1
+
+
+@pytest.mark.parametrize("err, says, fix", [
+    (28, "No space left on device: the disk is full", "free some space"),
+    (122, "the disk is full", "free some space"),  # EDQUOT
+    (13, "Permission denied: the folder is not writable", "make it writable or set out_dir="),
+    (30, "the folder is not writable", "make it writable"),  # EROFS
+])
+def test_no_space_and_no_permission_get_their_own_fix(tmp_path, monkeypatch, err, says, fix):
+    def fail(obj, f, *a, **k):
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(UserError) as e:
+        checkpoint.save({}, tmp_path / "last.pt")
+    assert says in str(e.value) and fix in str(e.value)
+    if err in (13, 30):
+        assert "free some space" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        checkpoint.save({}, tmp_path / "backbone.pt", hint="choose another --out")
+    assert str(e.value).endswith("nothing was written: choose another --out") and "out_dir" not in str(e.value)
+
+
+def test_load_takes_the_callers_hint(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="set resume="):
+        checkpoint.load(bad)
+    with pytest.raises(UserError) as e:
+        checkpoint.load(bad, hint="pass a checkpoint of one of the six scripts")
+    assert "pass a checkpoint of one of the six scripts" in str(e.value) and "resume=" not in str(e.value)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    (tmp_path / f".last.pt.tmp{dead}").write_bytes(b"x" * 100)
+    (tmp_path / f".epoch_0002.pt.tmp{dead}").write_bytes(b"x")
+    (tmp_path / f".last.pt.tmp{os.getpid()}").write_bytes(b"x")  # a live writer's: kept
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [f".epoch_0002.pt.tmp{dead}", f".last.pt.tmp{dead}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".last.pt.tmp{os.getpid()}", "last.pt"]
+
+
+def test_a_read_only_folder_is_one_line_though_removing_the_temporary_fails_too(tmp_path, monkeypatch):
+    """On a read-only filesystem unlink raises EROFS even for a file that was never created."""
+    import pathlib
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    with pytest.raises(UserError) as e:
+        checkpoint.save({}, tmp_path / "last.pt")
+    assert "Read-only file system: the folder is not writable" in str(e.value) and "make it writable" in str(e.value)

@@ -116,3 +116,51 @@ def test_in_range_reads_bounds_lists_and_flags():
     assert config.in_range([0.08, 1.0], "0 < x <= 1, increasing") and not config.in_range([1.0, 0.5], "x > 0, increasing")
     assert not config.in_range([], "x >= 1, not empty") and config.in_range([], "x >= 1")
     assert config.in_range(3, "x >= 1; a hint after the semicolon is not part of the range")
+
+
+# ---------------------------------------------------------------------- issue #24, second round
+@pytest.mark.parametrize("setting, says", [
+    ("data.image_size=1", "'data.image_size' = 1 is out of range: allowed x >= 2"),
+    ("augment.crop_scale=[0.5]", "'augment.crop_scale' = [0.5] is out of range: allowed 0 < x <= 1, increasing, "
+                                 "length 2 ([min, max])"),
+    ("augment.crop_ratio=[0.75,1,1.3]", "'augment.crop_ratio' = [0.75, 1.0, 1.3] is out of range"),
+    ("augment.blur_sigma=[0.1]", "'augment.blur_sigma' = [0.1] is out of range"),
+    ("augment.jitter=[0.4]", "'augment.jitter' = [0.4] is out of range: allowed x >= 0, length 4"),
+    ("data.synthetic.size=0", "'data.synthetic.size' = 0 is out of range: allowed x >= 1"),
+    ("data.synthetic.train_size=-5", "'data.synthetic.train_size' = -5 is out of range: allowed x >= 1"),
+    ("data.synthetic.test_size=0", "'data.synthetic.test_size' = 0 is out of range: allowed x >= 2"),
+    ("data.synthetic.test_size=1", "'data.synthetic.test_size' = 1 is out of range"),
+    ("out_dir=", "out_dir='' is empty"),
+])
+def test_values_that_crashed_inside_the_old_ranges_are_one_line(setting, says):
+    with pytest.raises(UserError) as e:
+        parse(["--set", setting])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_in_range_length_flag():
+    assert config.in_range([0.1, 2.0], "x > 0, increasing, length 2")
+    assert not config.in_range([0.1], "x > 0, increasing, length 2")
+    assert not config.in_range([0.4, 0.4, 0.2], "x >= 0, length 4; a hint")
+
+
+def test_smallest_allowed_values_are_accepted():
+    cfg = parse(["--set", "data.image_size=2", "data.synthetic.size=1", "data.synthetic.train_size=1",
+                 "data.synthetic.test_size=2", "augment.jitter=[0,0,0,0]"])
+    assert cfg.data.image_size == 2
+
+
+def test_yaml_error_keeps_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1\n  x: : 2\n")
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(bad)])
+    assert "line 3, column 6" in str(e.value) and "mapping values are not allowed here" in str(e.value)
+
+
+def test_missing_base_file_names_the_file_that_refers_to_it(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: nope.yaml\noptim: {epochs: 10}\n")
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(tmp_path / "child.yaml")])
+    msg = str(e.value)
+    assert str(tmp_path / "child.yaml") in msg and "base: nope.yaml" in msg and str(tmp_path / "nope.yaml") in msg

@@ -89,3 +89,12 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
     line = one_clear_line(_in_process(capsys, d, "--set", "model.width=16", "device=cpu"))
     assert "does not fit" in line and "model.width=16" in line
     assert (d / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_evaluates_hint_not_a_training_runs(tmp_path, capsys):
+    import torch
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "backbone.pt")
+    for f in ("bad.pt", "backbone.pt"):
+        line = one_clear_line(_in_process(capsys, tmp_path / f))
+        assert "resume=" not in line and "pass a checkpoint written by one of the six scripts" in line, line

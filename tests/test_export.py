@@ -158,3 +158,40 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and want in err[0], err
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_export_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
+    """--out / --projector that is the input itself or another training checkpoint: one line, nothing replaced."""
+    _, _, path = _checkpoint(tmp_path, "byol_uniform", "model.width=8")
+    other = tmp_path / "run2" / "checkpoints" / "last.pt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(path.read_bytes())
+    before = path.read_bytes()
+    for args, want in (([str(path), "--out", str(path)], "--out"),
+                       ([str(path), "--out", str(other)], "--out"),
+                       ([str(path), "--out", str(tmp_path / "b.pt"), "--projector", str(path)], "--projector"),
+                       ([str(path), "--out", str(tmp_path / "b.pt"), "--projector", str(other)], "--projector")):
+        with pytest.raises(SystemExit) as e:
+            export.main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+        assert f"choose another {want}" in err[0], err
+        assert path.read_bytes() == before and other.read_bytes() == before
+    assert not (tmp_path / "b.pt").exists()
+    export.main([str(path), "--out", str(tmp_path / "b.pt")])  # an earlier export is replaced as asked
+    export.main([str(path), "--out", str(tmp_path / "b.pt")])
+    assert (tmp_path / "b.pt").exists()
+
+
+def test_export_to_an_unwritable_place_names_out_not_out_dir(tmp_path, capsys, monkeypatch):
+    _, _, path = _checkpoint(tmp_path, "byol_uniform", "model.width=8")
+
+    def denied(obj, f, *a, **k):
+        raise PermissionError(13, "Permission denied")
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: denied(obj, f) if "b.pt" in str(f.name) else
+                        real(obj, f, *a, **k))
+    with pytest.raises(SystemExit):
+        export.main([str(path), "--out", str(tmp_path / "b.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose another --out" in err[0] and "out_dir" not in err[0], err

@@ -13,7 +13,7 @@ from torchvision.transforms.v2.functional import to_pil_image
 import byol_uniform
 from common import data, evaluate, loaders
 from common.augment import ViewMaker, eval_transform
-from common.config import BASE, Cfg, merge, parse_overrides, resolve
+from common.config import BASE, Cfg, UserError, merge, parse_overrides, resolve
 from scriptrun import Script, one_clear_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -213,3 +213,22 @@ def test_byol_uniform_bad_layouts_stop_with_one_line(tmp_path):
     root = labelled(tmp_path / "mixed", size=[(16, 16), (20, 16)])
     err = one_clear_line(S.run(tmp_path, f"data.root={root}", name="m", check=False))
     assert "holds images of different sizes" in err and "set augment.path=hybrid" in err
+
+
+def test_byol_uniform_on_a_folder_of_one_class_reports_no_accuracies(tmp_path):
+    """One class: every kNN / linear prediction is right (100.0); evaluated as unlabelled instead, with a note."""
+    root = labelled(tmp_path / "pngs", classes=("cat",), n=16, val=2)
+    p = S.run(tmp_path, f"data.root={root}")
+    assert p.stdout.count("has one class; evaluation needs two or more") == 1, p.stdout
+    s = S.summary(tmp_path, "r")
+    assert math.isnan(s["knn5"]) and "linear_top1" not in s and "uniformity" in s
+
+
+def test_paper_probe_batch_larger_than_its_set_is_one_line(tmp_path):
+    c = cfg(labelled(tmp_path, n=8, val=2), "eval.linear=paper", "eval.linear_batch_size=64", "device=cpu",
+            "eval.knn_k=[5]")
+    with pytest.raises(UserError) as e:
+        loaders.eval_loaders(c)
+    assert "eval.linear_batch_size=64 exceeds the 16 images" in str(e.value)
+    assert "eval.linear_batch_size=16 or less" in str(e.value)
+    loaders.eval_loaders(cfg(tmp_path, "eval.linear=paper", "eval.linear_batch_size=16", "device=cpu", "eval.knn_k=[5]"))

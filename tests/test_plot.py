@@ -110,3 +110,21 @@ def test_only_the_plot_module_imports_matplotlib():
     users = [p.relative_to(ROOT).as_posix() for p in files
              if p != Path(__file__).resolve() and "import matplotlib" in p.read_text()]
     assert users == ["common/tools/plot.py"]
+
+
+@pytest.mark.parametrize("cols, title", [
+    (1, "BYOL-MHE Fig. 2/3: eval-set features on $S^1$ (PCA to 2-D, l2-normalised)"),
+    (1, "MSBReg Tab. 11: linear top-1 (%) over $(\\lambda_s, \\lambda_b)$ for every K of the sweep"),
+    (2, "RAFT Fig. 4: " + ", ".join(f"runs/raft/seed_{i}_a_long_run_name" for i in range(6))),
+])
+def test_a_long_title_lies_inside_the_figure_above_the_panels(cols, title):
+    pytest.importorskip("matplotlib")
+    fig, axes = plot.figure(1, cols, title)
+    try:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        t, box = fig._suptitle.get_window_extent(r), fig.bbox
+        assert box.x0 <= t.x0 and t.x1 <= box.x1 and box.y0 <= t.y0 and t.y1 <= box.y1, (t, box)
+        assert all(t.y0 >= ax.get_tightbbox(r).y1 - 1 for ax in axes[0]), "the title overlaps a panel"
+    finally:
+        plot.pyplot().close(fig)

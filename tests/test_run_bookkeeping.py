@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,7 @@ def test_a_diverged_run_never_writes_non_finite_weights_and_names_the_last_good_
     state = torch.load(ck, weights_only=True)
     step = state["counters"]["step"]
     assert f"the last good checkpoint is {ck} (step {step})" in line and "training diverged" in line
+    assert "resume=auto resume_allow_changes=true" in line  # a lower lr is refused without it
     assert all(v.isfinite().all() for part in ("online", "target") for v in state[part].values() if v.is_floating_point())
     line = one_clear_line(S.run(tmp_path, "optim.lr=1e30", name="d0", check=False))
     assert "training diverged; no checkpoint was written before" in line
@@ -283,3 +285,118 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     lock(tmp_path)
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_file_is_not_executable(tmp_path):
+    from common.run import lock, unlock
+    old = os.umask(0o022)
+    try:
+        lock(tmp_path)
+        assert (tmp_path / ".lock").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+        unlock(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+FULL_DISK_HOOK = '''
+import os
+if os.environ.get("TEST_DISK_FULL_AFTER"):  # every process of the run: torch.save fails as on a full disk
+    import torch
+    _save, _calls = torch.save, [0]
+
+    def save(obj, f, *a, **k):
+        _calls[0] += 1
+        if _calls[0] <= int(os.environ["TEST_DISK_FULL_AFTER"]):
+            return _save(obj, f, *a, **k)
+        try:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 11177280 vs 11177176")
+    torch.save = save
+'''
+
+
+def run_on_a_disk_that_fills(tmp_path, *overrides, name):
+    """The run's first checkpoint is written, the second finds the disk full."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(FULL_DISK_HOOK)
+    env = {"TEST_DISK_FULL_AFTER": "1", "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    p = start(tmp_path, "optim.epochs=2", *overrides, name=name, env=env)
+    out, err = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_full_disk_is_one_line_naming_the_checkpoint_and_the_last_one_survives(tmp_path, nproc):
+    line = one_clear_line(run_on_a_disk_that_fills(tmp_path, f"dist.nproc={nproc}", name="full"))
+    ck = folder(tmp_path, "full") / "checkpoints" / "last.pt"
+    assert f"could not write the checkpoint {ck}" in line and "the disk is full" in line, line
+    assert "the previous one is intact" in line and "free some space" in line
+    assert torch.load(ck, weights_only=True)["counters"]["step"] == 4  # epoch 1's
+    assert [p.name for p in ck.parent.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_SMALL_FS"), reason="set TEST_SMALL_FS to a small empty filesystem, e.g. "
+                    "mount -t tmpfs -o size=15m tmpfs /tmp/small")
+def test_a_real_full_filesystem(tmp_path):
+    """width 16: one checkpoint (~9 MB) fits on 15 MB, a second beside it (its temporary file) does not."""
+    small = os.environ["TEST_SMALL_FS"]
+    name = f"full{os.getpid()}"
+    try:
+        p = S.run(small, "optim.epochs=2", "model.width=16", "model.proj_hidden=256", "model.pred_hidden=256",
+                  name=name, check=False)
+        line = one_clear_line(p)
+        ck = S.folder(Path(small), name) / "checkpoints" / "last.pt"
+        assert f"could not write the checkpoint {ck.resolve()}" in line and "the disk is full" in line, line
+        assert torch.load(ck, weights_only=True)["counters"]["step"] == 4
+    finally:
+        import shutil
+        shutil.rmtree(Path(small) / "byol_uniform" / name, ignore_errors=True)
+
+
+def test_a_killed_writes_temporary_file_is_removed_when_the_folder_is_next_taken(tmp_path):
+    S.run(tmp_path, "checkpoint.stop_after_step=2", name="k")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = folder(tmp_path, "k") / "checkpoints" / f".last.pt.tmp{dead}"  # kill -9 during a write
+    stale.write_bytes(b"x" * 1000)
+    out = S.run(tmp_path, "resume=auto", name="k").stdout
+    assert not stale.exists() and f"removed checkpoints/{stale.name}" in out
+
+
+def _save_on_a_full_disk(rank, world, folder):
+    """Run.save on 2 Gloo processes, rank 0's torch.save failing as on a full disk; the barrier after the write is
+    skipped, so a rank that missed the failure returns instead of waiting. Returns the error each rank raised."""
+    from common import dist as cd
+    from common.config import BASE, Cfg, UserError
+    from common.run import Run
+    if rank == 0:
+        torch.save = lambda obj, f, *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    cd.barrier = lambda: None
+    run = Run.__new__(Run)
+    run.cfg, run.method, run.dir, run._saved = Cfg.wrap(BASE), "m", Path(folder), None
+    run._ok, run.objects, run._t_start = torch.ones((), dtype=torch.bool), {"model": torch.nn.Linear(2, 2)}, time.time()
+    run.c, run.scaler = {"step": 1, "wall_s": 0.0}, torch.amp.GradScaler("cpu", enabled=False)
+    try:
+        run.save("last.pt")
+    except UserError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_is_every_ranks_same_error(tmp_path):
+    from gloo import on_processes
+    (tmp_path / "checkpoints").mkdir()
+    errors = on_processes(_save_on_a_full_disk, str(tmp_path))
+    assert errors[0] and errors[1] == errors[0] and "the disk is full" in errors[0], errors
+
+
+def test_a_per_process_batch_of_one_image_with_batchnorm_is_one_line(tmp_path):
+    line = one_clear_line(S.run(tmp_path, "optim.batch_size=1", name="b1", check=False))
+    assert "optim.batch_size=1 gives each of the 1 processes 1 image per step" in line
+    assert "BatchNorm needs 2 or more: set optim.batch_size=2 or more" in line
+    assert not folder(tmp_path, "b1").exists()  # stopped before start: no folder left behind

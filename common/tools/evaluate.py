@@ -82,7 +82,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         path = find_checkpoint(args.path)
-        cfg = settings(checkpoint.load(path), args.set)
+        cfg = settings(checkpoint.load(path, hint="pass a checkpoint written by one of the six scripts, or its "
+                                                  "run folder"), args.set)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one line in all
             print(f"error: {e}", file=sys.stderr)

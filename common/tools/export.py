@@ -24,7 +24,8 @@ Runs that are not a stock torchvision ResNet load as printed:
 Before writing, the exported tensors are loaded (``strict=True``) into the model the printed lines build.
 ``--projector PATH`` also writes the online projector g, a ``common.models.mlp`` (``nn.Sequential`` names
 ``0.weight``, ...), with the line that builds it. The EMA target, the predictor and the optimizer are not
-exported. A missing, corrupt or foreign checkpoint is one line ``error: ...`` and exit status 2.
+exported. A missing, corrupt or foreign checkpoint is one line ``error: ...`` and exit status 2, as is an ``--out``
+or ``--projector`` that is the input or any other checkpoint of this project (it would be replaced).
 """
 import argparse
 import sys
@@ -82,10 +83,29 @@ def _projector(m, feat_dim):
     return mlp(feat_dim, m["proj_hidden"], m["proj_dim"], layers, norm, last), call
 
 
+def _refuse_overwriting_a_checkpoint(ckpt, dest, option):
+    """``dest`` (of ``option``) may not be the input checkpoint itself nor any existing checkpoint of this project:
+    exporting over it would replace a training run's saved state with a bare state_dict."""
+    dest = Path(dest)
+    if dest.resolve() == ckpt.resolve():
+        raise UserError(f"{option} {dest} is the checkpoint being exported: writing there would replace it; "
+                        f"choose another {option}, e.g. backbone.pt")
+    if dest.is_file():
+        try:
+            checkpoint.load(dest)
+        except UserError:
+            return  # not a checkpoint (an earlier export, ...): replaced as asked
+        raise UserError(f"{option} {dest.resolve()} is a training checkpoint of this project: writing there would "
+                        f"replace it; choose another {option}, e.g. backbone.pt")
+
+
 def export(ckpt, out, projector=None):
     """Write the online encoder of checkpoint (or run folder) ``ckpt`` to ``out`` (and g to ``projector``);
     returns the lines to print."""
     ckpt = find_checkpoint(ckpt)
+    _refuse_overwriting_a_checkpoint(ckpt, out, "--out")
+    if projector:
+        _refuse_overwriting_a_checkpoint(ckpt, projector, "--projector")
     try:  # mmap: the optimizer state of a large run is not read into memory
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # any unpickling/zip/IO problem
@@ -114,9 +134,9 @@ def export(ckpt, out, projector=None):
             how = "build g as the run's script does (its Online.g / build_model)"
         files.append((g_state, projector))
         lines.append(f"wrote the online projector g to {projector}: {how}; g.load_state_dict(torch.load(...))")
-    for tensors, path in files:
+    for (tensors, path), option in zip(files, ("--out", "--projector")):
         try:
-            checkpoint.save(tensors, path)  # atomic: a temporary file renamed over the target
+            checkpoint.save(tensors, path, hint=f"choose another {option}")  # atomic: a temporary file renamed
         except OSError as e:
             raise UserError(f"cannot write {Path(path).resolve()} ({e.strerror or e}): choose another --out")
     return lines

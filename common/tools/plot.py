@@ -106,7 +106,7 @@ def figure(rows, cols, title):
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL[0] * cols, PANEL[1] * rows), dpi=DPI,
                              squeeze=False, layout="constrained")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, wrap=True)
     return fig, axes
 
 
