@@ -79,7 +79,8 @@ def load(path, hint=None):
     return state
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
+    """Is process ``pid`` alive on this host?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +97,7 @@ def remove_stale_temporaries(folder):
     removed = []
     for p in sorted(Path(folder).glob(".*.tmp*")):
         pid = p.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
             removed.append(p.name)
     return removed

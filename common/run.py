@@ -402,16 +402,6 @@ def _world_change(state, cfg):
 
 
 # ---------------------------------------------------------------------- the run folder's lock
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock(run_dir):
     """Take ``run_dir/.lock`` (pid, host, SLURM job); refuse if a live process holds it; take over the lock of a
     dead process on this host, or of this SLURM job's earlier allocation (a requeued job may land elsewhere)."""
@@ -426,7 +416,7 @@ def lock(run_dir):
                 owner = {}
             job = os.environ.get("SLURM_JOB_ID")
             requeued = job is not None and owner.get("slurm_job") == job  # this job's earlier allocation: gone
-            if not requeued and (owner.get("host") != host or _alive(int(owner.get("pid", -1)))):
+            if not requeued and (owner.get("host") != host or checkpoint.pid_alive(int(owner.get("pid", -1)))):
                 raise UserError(f"run folder {Path(run_dir).resolve()} is in use by pid {owner.get('pid')} on "
                                 f"{owner.get('host')} (since {owner.get('since')}): wait for it or set name=...; if "
                                 f"that process is gone, delete {path.resolve()}") from None
