@@ -39,7 +39,7 @@ def labelled(root, classes=("cat", "dog"), n=8, val=0, size=(16, 16)):
 
 def cfg(root, *sets):
     return resolve(merge(BASE, byol_uniform.DEFAULTS), [(parse_overrides(["data.name=folder", f"data.root={root}", "data.image_size=16",
-                                            "data.workers=0", *sets]), "from --set")])
+                                            "data.workers=0", "eval.linear=fast", *sets]), "from --set")])
 
 
 # ------------------------------------------------------------------------------------------ the layouts
