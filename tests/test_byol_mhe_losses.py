@@ -20,7 +20,7 @@ def energy_ref(weight, power, paper_exact=False):
     """Σ_{i≠j} r_s(d(ŵ_i, ŵ_j)) / (N(N-1)), float64 double loop over the neurons (rows / flattened filters).
 
     paper_exact=True: Eq. 8 / Eq. 11 as printed: ŵ = w/||w||, d = ||ŵ_i - ŵ_j|| (direct difference) or
-    arccos(ŵ_iᵀŵ_j). Otherwise the numerics of SPEC §4.2 (Liu et al.'s code): ||w|| = sqrt(Σw² + 1e-4),
+    arccos(ŵ_iᵀŵ_j). Otherwise the numerics of Liu et al.'s MHE code (byol_mhe.py): ||w|| = sqrt(Σw² + 1e-4),
     d² = 2 - 2cos with cos clamped into [-1+1e-6, 1-1e-6], θ = arccos(cos) + 1e-4.
     """
     rows = [[float(v) for v in r] for r in weight.detach().double().reshape(weight.shape[0], -1)]
@@ -59,7 +59,7 @@ def test_energy_matches_float64_double_loop_linear_and_conv(power):
         n = layer.weight.shape[0]
         assert bm.neurons(layer.weight).shape == (n, layer.weight[0].numel())  # rows / flattened filters
         got = bm.hyperspherical_energy(layer.weight, power).item()
-        # the SPEC numerics, tight
+        # the MHE code's numerics, tight
         assert got == pytest.approx(energy_ref(layer.weight, power), rel=2e-5, abs=1e-6)
         # the equation as printed: differs only by the epsilons (θ + 1e-4, ||w||'s 1e-4, the cos clamp); for a
         # nearly coinciding pair of neurons they move E_s by up to ~2% (measured over 400 draws: 1.8e-2 for a2,
