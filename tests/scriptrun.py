@@ -77,7 +77,8 @@ class Script:
     def checkpoint(self, tmp_path, name):
         return torch.load(self.folder(tmp_path, name) / "checkpoints" / "last.pt", weights_only=True)
 
-    def assert_two_processes_equal_one(self, tmp_path, *overrides, keys=("loss",), steps=3, atol=1e-6, param_atol=1e-5):
+    def assert_two_processes_equal_one(self, tmp_path, *overrides, keys=("loss",), steps=3, atol=1e-6, param_atol=1e-5,
+                                       rtol=1e-4):
         """The same run with 1 and with 2 processes (``dist.nproc``): the logged ``keys`` of each of ``steps``
         steps and every online tensor agree to float round-off. Returns both checkpoints (one, two)."""
         self.run(tmp_path, *overrides, name="one")
@@ -85,10 +86,10 @@ class Script:
         one = [[m[k] for k in keys] for m in self.steps(tmp_path, "one")]
         two = [[m[k] for k in keys] for m in self.steps(tmp_path, "two")]
         assert len(one) == len(two) == steps
-        torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=atol)
+        torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=rtol, atol=atol)
         a, b = self.checkpoint(tmp_path, "one"), self.checkpoint(tmp_path, "two")
         for k in a["online"]:
-            torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=1e-4, atol=param_atol,
+            torch.testing.assert_close(b["online"][k].float(), a["online"][k].float(), rtol=rtol, atol=param_atol,
                                        msg=lambda m: f"{k}: {m}")
         return a, b
 
