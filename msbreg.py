@@ -143,10 +143,10 @@ class Online(nn.Module):
 @torch.no_grad()
 def knn_majority(encoder, loaders, device, ks):
     """Majority-vote k-NN (cosine) on the frozen encoder: the 5-NN column of Tab. 1."""
-    train_f, train_y = extract_features(encoder, loaders["train"], device)
+    bank_f, bank_y = extract_features(encoder, loaders["train"], device, gather=False)  # this rank's rows
     test_f, test_y = extract_features(encoder, loaders["test"], device)
-    acc = knn_accuracies(train_f, train_y, test_f, test_y, ks=tuple(ks), num_classes=loaders["num_classes"],
-                         weighted=False)
+    acc = knn_accuracies(bank_f, bank_y, test_f, test_y, ks=tuple(ks), num_classes=loaders["num_classes"],
+                         weighted=False, sharded=True)
     return {f"{k}_majority": v for k, v in acc.items()}
 
 

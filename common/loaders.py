@@ -6,7 +6,7 @@ the images kept on the training device, ``DeviceBatches``: same sampler, same ba
 K views made per image in DataLoader workers (``augment.path: cpu | hybrid``). ``ResumableSampler`` is the
 DistributedSampler of both, able to skip the first batches of an epoch (exact mid-epoch resume).
 ``eval_loaders`` gives the un-augmented train/test loaders of the kNN monitor and the linear probe, each rank
-its share of whole batches (``evaluate.RankBatches``), and the augmented, DDP-sharded loader of the paper probe.
+its contiguous shard (``evaluate.RankShard``), and the augmented, DDP-sharded loader of the paper probe.
 """
 import torch
 
@@ -14,7 +14,7 @@ from common import dist
 from common.augment import MultiViewDataset, ViewMaker, eval_transform
 from common.config import Cfg, UserError
 from common.data import TensorImages, load, num_classes, stats
-from common.evaluate import RankBatches
+from common.evaluate import RankShard
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -99,10 +99,10 @@ def train_loader(dataset, cfg, views, device, batch_size=None):
 
 
 def _eval_loader(dataset, batch_size, workers):
-    """This rank's share of the sequential batches of ``dataset`` (``RankBatches``): an in-memory set is indexed (and
-    transformed) a whole batch at a time, files are decoded and transformed per image in the workers. Own
-    generator: evaluating leaves torch's RNG alone."""
-    batches, gen = RankBatches(len(dataset), batch_size), torch.Generator()
+    """This rank's contiguous shard of ``dataset`` in the one-process batches (``RankShard``): an in-memory set is
+    indexed (and transformed) a whole batch at a time, files are decoded and transformed per image in the workers.
+    Own generator: evaluating leaves torch's RNG alone."""
+    batches, gen = RankShard(len(dataset), batch_size), torch.Generator()
     if isinstance(dataset, TensorImages):
         return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, generator=gen)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, generator=gen)
@@ -118,7 +118,7 @@ def _check_linear_batch(batch_size, n):
 
 def eval_loaders(cfg):
     """Un-augmented loaders for evaluation: ``{"train", "test", "num_classes"}`` (train = kNN memory bank /
-    linear-probe training set), each rank its share of whole batches (``RankBatches``); with ``eval.linear:
+    linear-probe training set), each rank its contiguous shard (``RankShard``); with ``eval.linear:
     paper`` also ``"train_aug"``, its ``"train_aug_sampler"`` and ``"augment"`` (random resized crop + flip on
     the training device, the linear-evaluation protocol of Grill et al.): each rank gets its
     ``eval.linear_batch_size / W`` images of every global batch (a seeded ``DistributedSampler``, as in

@@ -112,6 +112,27 @@ def test_knn_k_larger_than_bank():
     assert accs["knn200"] == knn_accuracy(train_f, train_y, test_f, test_y, k=30)
 
 
+def tie_bank(seed=6):
+    """A bank of 8 directions, each held by 5 rows of mixed labels (exact ties), shuffled; queries at those
+    directions: a k-th place inside a group of equal similarities, which the lower bank index wins."""
+    g = _gen(seed)
+    dirs = torch.randn(8, 6, generator=g)
+    order = torch.randperm(40, generator=g)
+    train_f, train_y = dirs.repeat_interleave(5, 0)[order], torch.randint(0, 4, (40,), generator=g)
+    pick = torch.randint(0, 8, (30,), generator=g)
+    return train_f, train_y, dirs[pick] * (1 + torch.rand(30, 1, generator=g)), torch.randint(0, 4, (30,), generator=g)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_knn_ties_go_to_the_lower_bank_index_in_any_blocks(weighted):
+    train_f, train_y, test_f, _ = tie_bank()
+    for k in (1, 3, 7, 12):
+        ref = _brute_knn(train_f, train_y, test_f, k, 0.1, 4, weighted)  # sorted(): stable, lower index first
+        for block, chunk in ((4096, 1024), (7, 5), (12, 30)):  # one block; blocks with a padded edge
+            assert knn_accuracy(train_f, train_y, test_f, ref, k=k, num_classes=4, weighted=weighted, block=block,
+                                chunk=chunk) == 100.0, (k, block)
+
+
 def test_knn_accuracies_reuse_matches_single_k():
     g = _gen(5)
     train_f, train_y = torch.randn(200, 10, generator=g), torch.randint(0, 5, (200,), generator=g)

@@ -116,3 +116,83 @@ def test_paper_probe_in_ddp_matches_one_process(results):
         assert abs(two["paper_random"][key] - one["paper_random"][key]) <= 6.0, key
     assert one["paper_fixed"]["linear_protocol"] == "paper (offline)"
     print("paper probe 1 vs 2 processes:", {k: (one[k], two[k]) for k in ("paper_fixed", "paper_random", "paper_cpu")})
+
+
+# ------------------------------------------------------------------ the kNN bank sharded over 2 and 3 processes
+def _banks():
+    """The tie bank of test_evaluate (exact ties across shard edges) and a random one (250 rows, 10 classes)."""
+    from test_evaluate import tie_bank
+    g = torch.Generator().manual_seed(8)
+    rnd = (torch.randn(250, 16, generator=g), torch.randint(0, 10, (250,), generator=g),
+           torch.randn(70, 16, generator=g), torch.randint(0, 10, (70,), generator=g))
+    return {"ties": (*tie_bank(), 4), "random": (*rnd, 10)}
+
+
+def _knn_all(bank_of, sharded):
+    torch.set_num_threads(1)
+    out = {}
+    for name, (train_f, train_y, test_f, test_y, c) in _banks().items():
+        f, y = bank_of(train_f, train_y)
+        for weighted in (True, False):
+            for block in (4096, 7):  # one block; blocks whose edges are not the shards'
+                out[name, weighted, block] = ev.knn_accuracies(f, y, test_f, test_y, ks=(1, 3, 7, 40), chunk=16,
+                                                               num_classes=c, weighted=weighted, block=block,
+                                                               sharded=sharded)
+        out[name, "rows"] = len(f)
+    return out
+
+
+def _rank_knn(rank, world):
+    def shard(f, y):
+        lo, hi = ev.RankShard(len(f), 64).bounds()
+        return f[lo:hi], y[lo:hi]
+    return _knn_all(shard, sharded=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_sharded_knn_bank_gives_one_process_accuracies_exactly_ties_included(world):
+    threads = torch.get_num_threads()
+    try:
+        one = _knn_all(lambda f, y: (f, y), sharded=False)
+    finally:
+        torch.set_num_threads(threads)
+    ranks = on_processes(_rank_knn, world=world)
+    for r, res in enumerate(ranks):
+        for key, acc in one.items():
+            if key[1] == "rows":
+                n = acc
+                assert res[key] <= -(-n // world) and sum(x[key] for x in ranks) == n, (r, key)  # <= ceil(N/W)
+            else:
+                assert res[key] == acc, (r, key)
+    assert one["ties", True, 4096]["knn1"] < 100  # the labels disagree within a tie: the tie rule matters
+
+
+def _rank_monitor(rank, world):
+    """The monitor and the fast probe on each rank, with the rows of the bank each rank gives the kNN."""
+    torch.set_num_threads(1)
+    enc, dev, cfg = _encoder(), torch.device("cpu"), _cfg()
+    rows, real = [], ev.knn_accuracies
+
+    def spy(train_f, *a, **k):
+        rows.append(len(train_f))
+        return real(train_f, *a, **k)
+    ev.knn_accuracies = spy
+    lds = loaders.eval_loaders(cfg)
+    try:
+        return {"monitor": ev.monitor(enc, lds, dev, cfg.eval), "fast": ev.final_linear_eval(enc, lds, dev, cfg),
+                "rows": rows, "probe_rows": len(ev.extract_features(enc, lds["train"], dev, gather=False)[0])}
+    finally:
+        ev.knn_accuracies = real
+
+
+def test_three_processes_hold_a_third_of_the_bank_and_give_one_process_numbers(results):
+    """250 training images over 3 processes: each holds at most 84 rows of the bank (and of the fast probe's
+    training features); the kNN accuracies, the diagnostics and the fast probe are one process's."""
+    one, _ = results
+    ranks = on_processes(_rank_monitor, world=3)
+    assert [r["rows"] for r in ranks] == [[84], [84], [82]]
+    assert [r["probe_rows"] for r in ranks] == [84, 84, 82]
+    for r in ranks:
+        for key in ("knn200", "knn20", "uniformity", "center_norm", "feature_std", "corr_dist", "erank"):
+            assert r["monitor"][key] == one["monitor"][key], key
+        assert r["fast"] == one["fast"]
