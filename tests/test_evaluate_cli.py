@@ -1,5 +1,5 @@
 """``python -m common.tools.evaluate`` as a user runs it (subprocesses): it reproduces a finished run's summary.json on 1
-and 2 processes, writes eval.json, prints one line; bad input is one clear line and exit status 2."""
+and 2 processes, writes <checkpoint>.eval.json, prints one line; bad input is one clear line and exit status 2."""
 import json
 import os
 import subprocess
@@ -32,8 +32,8 @@ def runs(tmp_path_factory):
     return tmp
 
 
-def _eval_json(run_dir):
-    return json.loads((run_dir / "checkpoints" / "eval.json").read_text())
+def _eval_json(run_dir, checkpoint="last"):
+    return json.loads((run_dir / "checkpoints" / f"{checkpoint}.eval.json").read_text())
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -50,7 +50,7 @@ def test_reproduces_the_runs_summary(runs, nproc):
                                                                                        0.1, "fast")
     assert got["checkpoint"] == str((d / "checkpoints" / "last.pt").resolve())
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1 and f"knn20 {summary['knn20']:.2f}" in lines[0] and "eval.json" in lines[0], p.stdout
+    assert len(lines) == 1 and f"knn20 {summary['knn20']:.2f}" in lines[0] and "last.eval.json" in lines[0], p.stdout
     print(lines[0])
 
 
@@ -65,6 +65,21 @@ def test_paper_probe_reproduced_and_overrides(runs):
     assert got["linear_protocol"] == "fast (offline)" and got["eval"]["knn_t"] == 0.2 and "knn20" in got
     assert got["overrides"] == ["eval.linear=fast", "eval.knn_k=[5,20]", "eval.knn_t=0.2"]
     assert "knn20" in p.stdout and "T=0.2" in p.stdout
+
+
+def test_each_checkpoint_of_a_series_keeps_its_own_result(tmp_path):
+    """epoch_0001.pt evaluated, then last.pt (epoch 2), then the run folder (last.pt again): the first result stays."""
+    S.run(tmp_path, "optim.epochs=2", "checkpoint.keep_every=1", "eval.linear=none", name="series")
+    d = S.folder(tmp_path, "series")
+    evaluate(d / "checkpoints" / "epoch_0001.pt")
+    first = _eval_json(d, "epoch_0001")
+    evaluate(d / "checkpoints" / "last.pt")
+    evaluate(d, "--set", "eval.knn_k=[5]")
+    assert _eval_json(d, "epoch_0001") == first and first["epoch"] == 1
+    assert first["checkpoint"] == str((d / "checkpoints" / "epoch_0001.pt").resolve())
+    last = _eval_json(d, "last")
+    assert last["epoch"] == 2 and last["overrides"] == ["eval.knn_k=[5]"] and "knn5" in last
+    assert sorted(p.name for p in (d / "checkpoints").glob("*.json")) == ["epoch_0001.eval.json", "last.eval.json"]
 
 
 def _in_process(capsys, *args):

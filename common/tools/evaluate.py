@@ -15,8 +15,9 @@ numbers are those of its ``summary.json``: the kNN and the fast probe exactly on
 features, same seed); the paper probe too with the run's number of processes (otherwise see
 ``common.evaluate``'s tolerance).
 
-Writes ``eval.json`` beside the checkpoint (atomically; an earlier one there is replaced) with the numbers and
-the settings used, and prints one line.
+Writes ``<checkpoint>.eval.json`` beside the checkpoint (``last.eval.json``, ``epoch_0100.eval.json``: each
+checkpoint of a ``checkpoint.keep_every`` series keeps its own; atomically, an earlier one of the same
+checkpoint is replaced) with the numbers and the settings used, and prints one line.
 """
 import argparse
 import json
@@ -47,7 +48,7 @@ def encoder(state, cfg, device, path):
 
 
 def run(path, overrides, cfg):
-    """Every rank: load, evaluate (collective); rank 0 writes ``eval.json`` and prints the line."""
+    """Every rank: load, evaluate (collective); rank 0 writes ``<checkpoint>.eval.json`` and prints the line."""
     t0 = time.time()
     state = checkpoint.load(path)
     dev = dist.device(cfg)
@@ -61,8 +62,8 @@ def run(path, overrides, cfg):
                   "knn_k": e.knn_k[0], "knn_t": e.knn_t, "linear": e.linear, "data": cfg.data.name,
                   "processes": dist.world_size(), "overrides": list(overrides), **out,
                   "eval": e.plain(), "wall_time_s": round(time.time() - t0, 2)}
-        dest = path.parent / "eval.json"
-        tmp = dest.with_name(f".eval.json.tmp{os.getpid()}")
+        dest = path.with_name(f"{path.stem}.eval.json")
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, dest)
         knn = " ".join(f"knn{k} {out[f'knn{k}']:.2f}" for k in e.knn_k)
