@@ -157,8 +157,8 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_class
     of the bank (``extract_features(..., gather=False)``), the queries ``test_f, test_y`` the whole set on every
     rank. Each rank scores every query against its rows and keeps its top-k (similarity, bank index); the
     ranks' candidates are gathered and merged (``_best``): the neighbours of one process, exactly, ties
-    included. The similarities are computed in column blocks of ``block`` bank rows at the one-process
-    positions (an edge block zero-padded to full width), so each is the one process's number bit for bit
+    included. The similarities are computed in equal column blocks of at most ``block`` bank rows at the
+    one-process positions (an edge block zero-padded to full width), so each is the one process's number bit for bit
     (a matrix product's round-off depends on its shape). ``num_classes=0`` (no labels: an unlabelled
     ``data.name=folder``): nan for every k.
     """
@@ -168,7 +168,7 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_class
     sizes = [int(x) for x in dist.all_gather_uneven(torch.tensor([n_own], device=device))] if w > 1 else [n_own]
     lo, n, c = sum(sizes[:dist.rank()]) if w > 1 else 0, sum(sizes), _num_classes(num_classes, train_y, test_y, w > 1)
     kmax = min(max(ks), n)
-    block = min(max(block, kmax), n)
+    block = max(-(-n // max(-(-n // block), 1)), kmax)  # equal blocks of at most ``block`` rows (a function of n alone)
     bank, bank_y = F.normalize(train_f.to(device).float(), dim=1), train_y.to(device)
     queries, test_y = F.normalize(test_f.float(), dim=1), test_y.to(device)
     correct = torch.zeros(len(ks), dtype=torch.long, device=device)
