@@ -140,15 +140,15 @@ class _TimedLoader:
         self.times.append(time.perf_counter() - t)
 
 
-def run_script(name, overrides, between=None, time_epochs=False):
+def run_script(name, overrides, between=None, time_epochs=False, config=None):
     """Run ``name``'s own ``train(cfg)`` in this process on tiny ``synthetic`` settings plus ``overrides``
-    (``key=value`` strings), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
+    (``key=value`` strings; ``config``: a YAML file read first), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
     ``between`` (cfg -> a function of the views) the makers are ``_CachedViews`` calling it at every step
     (their ``starts``/``ends``/``cache`` hold the per-step record)."""
     script = importlib.import_module(name)
     made, epochs = [], []
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
-        cfg = parse(["--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
+        cfg = parse([*(["--config", str(config)] if config else []), "--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
                      "eval.every=0", "eval.linear=none", "eval.knn_k=[5]", "log.every=1000000",
                      "log.progress=false", "checkpoint.every=1000000", *overrides],
                     script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
