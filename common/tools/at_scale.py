@@ -85,6 +85,7 @@ def step_memory(method, path, cfg, batch):
     the target, bytes of the optimizer's state."""
     import torch.nn as nn
 
+    from common import checkpoint, evaluate
     from common.run import Run
     from common.tools.benchmark import run_script
     saved, objects = [], {}
@@ -116,8 +117,10 @@ def step_memory(method, path, cfg, batch):
                  "optim.accum_steps=1", "optim.epochs=1", "checkpoint.stop_after_step=1", "precision=fp32",
                  "channels_last=false", "compile=false", "eval.knn_k=[1]", "dist.nproc=1",
                  *(["loss.partitions=1"] if method == "decorr_nostopgrad" else [])]
-    with mock.patch.object(Run, "start", record_start), mock.patch.object(Run, "autocast", counting_autocast):
-        run_script(method, overrides, config=path)
+    with mock.patch.object(Run, "start", record_start), mock.patch.object(Run, "autocast", counting_autocast), \
+            mock.patch.object(checkpoint, "save", lambda *a, **k: None), \
+            mock.patch.object(evaluate, "covariance_spectrum", lambda z: torch.ones(2, dtype=torch.float64)):
+        run_script(method, overrides, config=path)  # (no checkpoint written, no SVD of the monitor's features)
     assert len(saved) == 1, len(saved)
     opt = objects["optimizer"]
     state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
@@ -133,7 +136,7 @@ def largest_bf16_batch(m, capacity_gib):
     return max(0, math.floor(free / (m["per_image"] / 2)))
 
 
-def memory_rows():
+def memory_rows(skip=0):
     groups = {}
     for method, path, cfg in paper_configs():
         groups.setdefault(geometry(method, cfg), []).append((method, path, cfg))
@@ -141,7 +144,7 @@ def memory_rows():
           "fp32 (MiB, measured) | fixed (MiB) | largest batch per GPU, bf16, 40 / 80 GiB (computed) | "
           "config's batch per GPU at 8 GPUs |")
     print("|---|---|---|---|---|---|---|---|")
-    for members in groups.values():
+    for members in list(groups.values())[skip:]:
         method, path, cfg = members[0]
         t = time.perf_counter()
         two, four = (step_memory(method, path, cfg, b) for b in (2, 4))
@@ -176,7 +179,7 @@ def write_jpegs(folder, n=32, seed=0):
     return paths, statistics.mean(p.stat().st_size for p in paths) / 1024
 
 
-def hybrid_rows(repeats=3):
+def hybrid_rows(repeats=5):
     from common import data
     from common.augment import ViewMaker
     threads = torch.get_num_threads()
@@ -192,7 +195,8 @@ def hybrid_rows(repeats=3):
     finally:
         torch.set_num_threads(threads)
     print(f"measured: {len(paths)} JPEGs 500x375 q75 (mean {kib:.0f} KiB), one worker, 1 thread: decode "
-          f"{t_decode * 1e3:.1f} ms/image, crop + flip to 224 px {t_view * 1e3:.2f} ms/view (fastest of {repeats})")
+          f"{t_decode * 1e3:.1f} ms/image, crop + flip to 224 px {t_view * 1e3:.2f} ms/view (thread CPU time, fastest of "
+          f"{repeats})")
     print(f"computed: GPU rate {GPU_RATE_SOURCE}; an SSL image costs K views x (fwd+bwd) + K target forwards "
           "(1/3 each) on methods with an EMA target")
     print("| views K (methods) | worker images/s (measured) | GPU images/s (computed) | workers per GPU (computed) |")
@@ -206,9 +210,11 @@ def hybrid_rows(repeats=3):
 
 
 def _time(fn):
-    t = time.perf_counter()
+    """CPU time of this thread running ``fn``: a worker's own work, which on a shared machine wall time is not
+    (other jobs' time slices count there); a loader worker has a core of its own on a GPU node."""
+    t = time.thread_time()
     fn()
-    return time.perf_counter() - t
+    return time.thread_time() - t
 
 
 # ---------------------------------------------------------------------------------------------- (c), (d)
