@@ -136,7 +136,7 @@ def largest_bf16_batch(m, capacity_gib):
     return max(0, math.floor(free / (m["per_image"] / 2)))
 
 
-def memory_rows(skip=0):
+def memory_rows(skip=0, stop=None):
     groups = {}
     for method, path, cfg in paper_configs():
         groups.setdefault(geometry(method, cfg), []).append((method, path, cfg))
@@ -144,7 +144,7 @@ def memory_rows(skip=0):
           "fp32 (MiB, measured) | fixed (MiB) | largest batch per GPU, bf16, 40 / 80 GiB (computed) | "
           "config's batch per GPU at 8 GPUs |")
     print("|---|---|---|---|---|---|---|---|")
-    for members in list(groups.values())[skip:]:
+    for members in list(groups.values())[skip:stop]:  # (a part of the groups: several processes at once)
         method, path, cfg = members[0]
         t = time.perf_counter()
         two, four = (step_memory(method, path, cfg, b) for b in (2, 4))
