@@ -58,3 +58,47 @@ def test_mhe_cost_times_the_scripts_step_with_and_without_the_energy(capsys):
     times = dict(re.findall(r"^    (.+?)\s+([0-9.]+)(?: s)?$", out, re.M))
     assert {"byol", "+mhe", "mhe", "ratio", "mhe projector.0 (4096, 64)", "mhe predictor.0 (4096, 256)"} <= set(times), out
     assert all(float(v) > 0 for v in times.values()), out
+
+
+def test_gpu_check_dry_runs_every_part_and_writes_its_json(tmp_path, capsys):
+    """``--gpu-check --dry`` (the GPU session's one command, on the CPU at toy sizes): the cuda tests run (a subset,
+    on the CPU) and pass, the BYOL epoch and step rates are measured, and each batch search meets the pretend
+    out-of-memory limit and bisects to it exactly; one line per result, and the JSON holds the same numbers."""
+    import json
+    from common.tools import gpu_check
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        benchmark.main(["--gpu-check", "--dry", "--out", str(tmp_path / "g.json")])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert {"device", "torch", "dry", "cuda_tests", "byol_epoch", "largest_batch", "seconds"} <= set(res)
+    c = res["cuda_tests"]
+    assert c["passed"] >= 2 and c["failed"] == c["errors"] == 0 and c["rc"] == 0, c
+    e = res["byol_epoch"]
+    assert all(e[k] > 0 for k in ("images_per_s", "step_images_per_s", "encoder_only_images_per_s",
+                                  "step_over_encoder")), e
+    assert e["step_over_encoder"] == pytest.approx(e["encoder_only_images_per_s"] / e["step_images_per_s"])
+    for arch in ("resnet18", "resnet50"):
+        r = res["largest_batch"][arch]
+        assert r["batch"] == gpu_check.DRY_MEMORY_LIMIT and r["exact"], r
+        assert set(r["peak_gib"]) == {"2", "4", "5"}  # doubled to 8 (too many), bisected: 6 (too many), 5
+        assert sum(line.startswith(f"largest batch {arch}: {r['batch']} images") for line in lines) == 1, lines
+    assert [line.split(":")[0] for line in lines[1:-1]] == ["cuda tests", "byol epoch", "largest batch resnet18",
+                                                           "largest batch resnet50"], lines
+    assert f"{c['passed']} passed, 0 failed" in lines[1]
+
+
+def test_largest_batch_search_doubles_then_bisects():
+    from common.tools import gpu_check
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 300
+    assert gpu_check.largest_batch(fits, 10 ** 6, float("inf")) == (300, True)
+    assert tried[:9] == [2, 4, 8, 16, 32, 64, 128, 256, 512] and len(tried) == 9 + 8  # bisect 256..512: 8 tries
+    assert gpu_check.largest_batch(lambda b: True, 100, float("inf")) == (64, False)  # the cap: at least 64
+    assert gpu_check.largest_batch(lambda b: False, 100, float("inf")) == (0, True)  # not even 2

@@ -4,6 +4,8 @@
     python -m common.tools.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
     python -m common.tools.benchmark --set precision=bf16 channels_last=true compile=true       # options on
     python -m common.tools.benchmark --mhe [--arch resnet50 --batch 64]                          # (d) only
+    python -m common.tools.benchmark --gpu-check [--dry] [--out FILE.json]   # all GPU-only checks: common/tools/gpu_check.py
+    python -m common.tools.benchmark --at-scale    # memory and time to plan a cluster run: common/tools/at_scale.py
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
     ``augment.path: batched``) vs the per-image torchvision v2 pipeline (``cpu_view``, one
@@ -47,6 +49,7 @@ import functools
 import importlib
 import io
 import statistics
+import sys
 import tempfile
 import time
 from copy import deepcopy
@@ -137,15 +140,15 @@ class _TimedLoader:
         self.times.append(time.perf_counter() - t)
 
 
-def run_script(name, overrides, between=None, time_epochs=False):
+def run_script(name, overrides, between=None, time_epochs=False, config=None):
     """Run ``name``'s own ``train(cfg)`` in this process on tiny ``synthetic`` settings plus ``overrides``
-    (``key=value`` strings), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
+    (``key=value`` strings; ``config``: a YAML file read first), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
     ``between`` (cfg -> a function of the views) the makers are ``_CachedViews`` calling it at every step
     (their ``starts``/``ends``/``cache`` hold the per-step record)."""
     script = importlib.import_module(name)
     made, epochs = [], []
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
-        cfg = parse(["--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
+        cfg = parse([*(["--config", str(config)] if config else []), "--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
                      "eval.every=0", "eval.linear=none", "eval.knn_k=[5]", "log.every=1000000",
                      "log.progress=false", "checkpoint.every=1000000", *overrides],
                     script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
@@ -268,6 +271,10 @@ def bench_mhe(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag, name in (("--gpu-check", "gpu_check"), ("--at-scale", "at_scale")):
+        if flag in argv:
+            return importlib.import_module(f"common.tools.{name}").main([a for a in argv if a != flag])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=32, help="image size (synthetic data and views)")
     ap.add_argument("--batch", type=int, default=64, help="batch size of (a), (b), (c)")
