@@ -51,6 +51,8 @@ REPRESENTATIVES = [
 # runs them too (minutes each on a shared 2-core machine).
 LONG = {
     "center_penalty/imagenet100_center_penalty.yaml": "ResNet-50 at 224 px; imagenet100_simsiam.yaml runs it",
+    "byol_mhe/cifar_resnet50_1000ep.yaml": "ResNet-50 with the CIFAR stem; byol_uniform/cifar10_resnet50_1000ep.yaml "
+    "runs it (CI time)",
     "msbreg/imagenet100_resnet18_320ep_k8.yaml": "8 views at 224 px; stl10_resnet18_320ep_k8.yaml runs K=8",
     "msbreg/imagenet_resnet50_300ep_k4.yaml": "ResNet-50 at 224 px, 4 views",
     "decorr_nostopgrad/authors_code_imagenet_resnet50.yaml": "8192-d projector and W_p: ~8 GB per process, and "
