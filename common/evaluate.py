@@ -128,6 +128,13 @@ def _num_classes(num_classes, train_y, test_y, sharded):
     return int(max(dist.all_gather_uneven(top[None]) if sharded else [top])) + 1
 
 
+def _rows_of_ranks(n_own, device, w):
+    """(every rank's row count, this rank's first global row, all rows) of a set split in rank order over ``w``
+    ranks (``w`` = 1: this rank's rows are the whole set)."""
+    sizes = [int(x) for x in dist.all_gather_uneven(torch.tensor([n_own], device=device))] if w > 1 else [n_own]
+    return sizes, sum(sizes[:dist.rank()]) if w > 1 else 0, sum(sizes)
+
+
 def _best(sims, idx, k):
     """The ``k`` best (similarity, index) columns of each row: most similar first, the lower bank index first
     among equal similarities (one order whatever the sharding: ties broken as one process breaks them)."""
@@ -165,8 +172,8 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(200,), t=0.1, num_class
     if num_classes == 0:
         return {f"knn{k}": math.nan for k in ks}
     w, device, n_own = dist.world_size() if sharded else 1, test_f.device, len(train_f)
-    sizes = [int(x) for x in dist.all_gather_uneven(torch.tensor([n_own], device=device))] if w > 1 else [n_own]
-    lo, n, c = sum(sizes[:dist.rank()]) if w > 1 else 0, sum(sizes), _num_classes(num_classes, train_y, test_y, w > 1)
+    sizes, lo, n = _rows_of_ranks(n_own, device, w)
+    c = _num_classes(num_classes, train_y, test_y, w > 1)
     kmax = min(max(ks), n)
     block = max(-(-n // max(-(-n // block), 1)), kmax)  # equal blocks of at most ``block`` rows (a function of n alone)
     bank, bank_y = F.normalize(train_f.to(device).float(), dim=1), train_y.to(device)
@@ -252,8 +259,7 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batc
     mean and std are float64 sums over the ranks: one process's up to float64 round-off)."""
     device, w = train_f.device, dist.world_size() if sharded else 1
     train_f, n_own = train_f if len(train_f) else test_f.new_zeros(0, test_f.shape[1]), len(train_f)
-    sizes = [int(x) for x in dist.all_gather_uneven(torch.tensor([n_own], device=device))] if w > 1 else [n_own]
-    lo, n = sum(sizes[:dist.rank()]) if w > 1 else 0, sum(sizes)
+    sizes, lo, n = _rows_of_ranks(n_own, device, w)
     x = train_f.double()
     total = torch.stack([x.sum(0), x.pow(2).sum(0)])
     total = dist.all_reduce_sum(total) if w > 1 else total
