@@ -260,12 +260,13 @@ def diagnostics(online, run, cfg, f_test):
     diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
     epoch = run.epoch
     if online.W_p is not None and cfg.diag.wp_every and (epoch == cfg.optim.epochs or epoch % cfg.diag.wp_every == 0):
-        wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
-        diag.update(wp_metrics)
-        if dist.is_main():
+        def fig4():  # on rank 0 alone (W_p is the same on every rank): an 8192² W_p's eigenvalues take minutes
+            wp_metrics, eigvals = predictor_diagnostics(online.W_p.weight)
             checkpoint.save({"W_p": online.W_p.weight.detach().cpu().clone(), "eigvals": eigvals,
                              "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
                              "epoch": epoch, "step": run.step}, run.dir / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
+            return wp_metrics
+        diag.update(dist.agree(fig4))  # every rank gets rank 0's numbers
     return diag
 
 

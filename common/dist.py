@@ -77,19 +77,20 @@ def _control():
 
 
 def agree(fn):
-    """Run ``fn()`` on rank 0; if it raises a ``UserError``, every rank raises the same one."""
-    msg = None
+    """Run ``fn()`` on rank 0 alone; every rank returns its (picklable) result, or raises the same ``UserError``."""
+    out, msg = None, None
     if is_main():
         try:
-            fn()
+            out = fn()
         except UserError as e:
             msg = str(e)
     if world_size() > 1:
-        box = [msg]
+        box = [(out, msg)]
         dist.broadcast_object_list(box, src=0, group=_control())
-        msg = box[0]
+        out, msg = box[0]
     if msg is not None:
         raise UserError(msg)
+    return out
 
 
 def any_rank(flag):
