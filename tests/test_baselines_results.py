@@ -47,6 +47,7 @@ def _results(table, *args, capsys, monkeypatch):
     return Done(code, out.out, out.err)
 
 
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
 def test_table_runs_each_cell_once_resumes_and_writes_mean_std(tmp_path, capsys, monkeypatch):
     io = dict(capsys=capsys, monkeypatch=monkeypatch)
     table = _table(tmp_path, [("random-init", "-m common.tools.baselines", "baseline=random"),

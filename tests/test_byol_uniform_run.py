@@ -26,6 +26,7 @@ def test_smoke_run_writes_every_output(tmp_path):
     assert len(steps) == 4 and all(m["loss_uni"] < 0 for m in steps)  # 128 / 32 = 4 steps, Eq. 3 is a log-mean
 
 
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """Same global batch (fixed views), 1 vs 2 processes with Gloo SyncBN and the global-batch uniformity.
 
@@ -37,7 +38,8 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     S.assert_two_processes_equal_one(tmp_path, *common, param_atol=1e-4)
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
+@pytest.mark.parametrize("nproc", [1, 2])  # the five other scripts' exact resume run in the default suite
 def test_exact_resume_equals_uninterrupted_run(tmp_path, nproc):
     """Bit-exact, also with 2 processes, where only rank 0 writes the checkpoint (augmentations included)."""
     more = ["optim.epochs=2", "eval.linear=none", f"dist.nproc={nproc}"]

@@ -36,7 +36,8 @@ def test_smoke_run_writes_outputs_diagnostics_and_W_p(tmp_path):
     assert torch.equal(saved["W_p"], state["online"]["W_p.weight"]) and saved["eigvals"].shape == (16,)
 
 
-@pytest.mark.parametrize("k", [4, pytest.param(1, marks=pytest.mark.slow)])  # 4: two partitions per process;
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
+@pytest.mark.parametrize("k", [4, 1])  # 4: two partitions per process;
 # 1: one partition spans both processes
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path, k):
     """Same global batch (fixed views), 1 vs 2 processes: SyncBN, synchronised standardisation (Eq. 18),

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from scriptrun import ROOT, Script, one_clear_line
 
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
@@ -55,6 +57,7 @@ def without_times(s):
     return {k: v for k, v in s.items() if not k.endswith(("_s", "time_s"))}
 
 
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
 def test_a_signal_during_the_final_knn_or_probe_stops_requeues_and_resume_evaluates_again(tmp_path):
     """SIGUSR1 while the final evaluation extracts the kNN bank (the 3rd feature extraction: after the
     random-init kNN's two), and while the linear probe trains: exit 3, one line, `scontrol requeue`; resume=auto
@@ -77,6 +80,7 @@ def test_a_signal_during_the_final_knn_or_probe_stops_requeues_and_resume_evalua
         assert [m["step"] for m in evals] == [4]  # the final evaluation, logged once
 
 
+@pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
 def test_a_resume_on_another_number_of_processes_is_refused_or_recorded(tmp_path):
     S.run(tmp_path, "optim.epochs=2", "checkpoint.stop_after_step=3", name="w")
     assert S.checkpoint(tmp_path, "w")["counters"]["world_size"] == 1
