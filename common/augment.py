@@ -107,18 +107,6 @@ def _blend(x, other, factor):  # torchvision's _blend: clamp to [0, 1]
     return (factor * x + (1 - factor) * other).clamp(0, 1)
 
 
-def _brightness(x, f):
-    return (x * f).clamp(0, 1)
-
-
-def _contrast(x, f):  # blend with the mean of the grayscale image, as torchvision does
-    return _blend(x, _luma(x).mean((1, 2, 3), keepdim=True), f)
-
-
-def _saturation(x, f):
-    return _blend(x, _luma(x), f)
-
-
 def _hue(x, shift):
     """True HSV hue rotation by ``shift`` turns: rgb -> (h, s, v), h += shift, -> rgb."""
     if x.shape[1] == 1:
@@ -152,8 +140,8 @@ def _jitter(x, strengths, rand):
     whichever of the three that sample's order puts there (f = 1 leaves x unchanged, exactly).
     Each sample runs the three in its order: those before its hue in slots 1-3 of a first pass
     (the others with f = 1), then hue, then those after hue in a second pass of three slots.
-    ``_brightness``, ``_contrast`` and ``_saturation`` are the same ops one at a time: the tests hold
-    them to torchvision's kernels and this function to applying them in each sample's order.
+    tests/test_augment.py holds each blend, one at a time, to torchvision's kernel and this function to
+    applying them in each sample's order.
     """
     batch = x.shape[0]
     b, c, s, h = strengths
@@ -354,17 +342,6 @@ class ViewMaker:
 CIFAR_EVAL_CROP = BASE["eval"]["crop"]  # the default fraction of the source side kept by the CIFAR centre crop
 
 
-class CentreCropFraction:
-    """Centre crop of round(fraction x side) pixels per side of whatever image comes in (PIL, CHW or BCHW)."""
-
-    def __init__(self, fraction: float):
-        self.fraction = fraction
-
-    def __call__(self, img):
-        h, w = img.shape[-2:]  # after T.ToImage(): a tensor image or batch
-        return TF.center_crop(img, [round(h * self.fraction), round(w * self.fraction)])
-
-
 def eval_transform(name: str, size: int, mean, std, crop: float = CIFAR_EVAL_CROP) -> T.Compose:
     """Deterministic evaluation transform for one image (PIL / uint8 CHW) or a uint8 batch (table above);
     ``crop``: CIFAR's centre-crop fraction (``eval.crop``; 1.0: no crop)."""
@@ -372,7 +349,7 @@ def eval_transform(name: str, size: int, mean, std, crop: float = CIFAR_EVAL_CRO
         geometry = [T.Resize(round(size * 256 / 224), interpolation=BICUBIC, antialias=True),
                     T.CenterCrop(size)]
     elif name in ("cifar10", "cifar100"):
-        geometry = [*([CentreCropFraction(crop)] if crop < 1 else []),
+        geometry = [*([T.CenterCrop(round(32 * crop))] if crop < 1 else []),  # of the 32 x 32 source
                     T.Resize((size, size), interpolation=BICUBIC, antialias=True)]
     elif name == "folder":
         geometry = [T.Resize(size, interpolation=BICUBIC, antialias=True), T.CenterCrop(size)]

@@ -84,12 +84,25 @@ def test_view_specs_cycle_per_view_lists():
 
 
 # ------------------------------------------------- batched ops == torchvision kernels
+# The three blends of ``A._jitter`` (clamp(f x + (1 - f) m, 0, 1)), one at a time: m = 0, the mean luma, the luma.
+def _brightness(x, f):
+    return A._blend(x, torch.zeros(()), f)
+
+
+def _contrast(x, f):
+    return A._blend(x, A._luma(x).mean((1, 2, 3), keepdim=True), f)
+
+
+def _saturation(x, f):
+    return A._blend(x, A._luma(x), f)
+
+
 def test_batched_colour_ops_match_torchvision():
     x = _structured(6).float() / 255
     f = torch.tensor([0.6, 0.8, 1.0, 1.1, 1.3, 1.4]).view(6, 1, 1, 1)
     shift = torch.tensor([-0.1, -0.05, 0.0, 0.02, 0.07, 0.1]).view(6, 1, 1, 1)
-    pairs = [(A._brightness(x, f), TF.adjust_brightness, f), (A._contrast(x, f), TF.adjust_contrast, f),
-             (A._saturation(x, f), TF.adjust_saturation, f), (A._hue(x, shift), TF.adjust_hue, shift)]
+    pairs = [(_brightness(x, f), TF.adjust_brightness, f), (_contrast(x, f), TF.adjust_contrast, f),
+             (_saturation(x, f), TF.adjust_saturation, f), (A._hue(x, shift), TF.adjust_hue, shift)]
     for ours, ref, factors in pairs:
         want = torch.stack([ref(x[i], factors[i].item()) for i in range(6)])
         torch.testing.assert_close(ours, want, atol=2e-6, rtol=0, msg=ref.__name__)
@@ -260,7 +273,7 @@ def test_jitter_order_changes_the_result():
     rng.set_state(state)
     factors = [A._uniform(rand, lo, hi, 64) for lo, hi in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))]
     order = A._jitter_order(rand, 64)
-    ops = (A._brightness, A._contrast, A._saturation, A._hue)
+    ops = (_brightness, _contrast, _saturation, A._hue)
     for i in range(64):
         want = x[i:i + 1]
         for op in order[i].tolist():
