@@ -1,6 +1,7 @@
 """The commands that sit above the training scripts (``python -m common.tools.<name>``): evaluate and export a
 checkpoint, draw the papers' figures, run a results table and its baselines, time the scripts. They import the
 core modules of ``common`` and the scripts; nothing in the core imports them."""
+import sys
 from pathlib import Path
 
 from common.config import UserError
@@ -41,3 +42,13 @@ def find_checkpoint(path):
         raise UserError(f"no checkpoint at {p.resolve()}: give a checkpoint (.pt) or a run folder holding "
                         "checkpoints/last.pt")
     return p
+
+
+def or_exit(fn, *args):
+    """``fn(*args)``, with a ``UserError`` printed as one line (``error: ...``) and exit status 2: a command's
+    ``main`` fails as the training scripts do."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

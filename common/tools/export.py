@@ -28,7 +28,6 @@ exported. A missing, corrupt or foreign checkpoint is one line ``error: ...`` an
 or ``--projector`` that is the input or any other checkpoint of this project (it would be replaced).
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ import torchvision
 from common import checkpoint
 from common.config import BASE, UserError
 from common.models import mlp, norm2d, resnet
-from common.tools import find_checkpoint, load_encoder, online_part
+from common.tools import find_checkpoint, load_encoder, online_part, or_exit
 
 _NORM_LAYER = {"gn": "lambda c: nn.GroupNorm(min(32, c), c)", "ln": "lambda c: nn.GroupNorm(1, c)",
                "none": "lambda c: nn.Identity()"}
@@ -148,12 +147,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="the torchvision state_dict to write, e.g. backbone.pt")
     ap.add_argument("--projector", metavar="PATH", help="also write the online projector g there")
     args = ap.parse_args(argv)
-    try:
-        lines = export(args.checkpoint, args.out, args.projector)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print("\n".join(lines))
+    print("\n".join(or_exit(export, args.checkpoint, args.out, args.projector)))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import yaml
 
 from common.config import UserError
 from common.log import mean_std
+from common.tools import or_exit
 
 INSTALL = "the figures need matplotlib, which the training scripts do not: pip install matplotlib"
 PANEL, DPI = (4.0, 3.2), 100  # inches per panel, dots per inch: each panel is 400 x 320 pixels
@@ -343,11 +344,7 @@ def main(argv=None):
     ap.add_argument("--out", help="folder for the PNG files (default: <first RUN_DIR>/figures)")
     ap.add_argument("--epochs", type=int, nargs="+", help="epochs of the W_p heat maps (Decorr Fig. 3)")
     args = ap.parse_args(argv)
-    try:
-        written = draw(args.runs, args.out, args.epochs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    written = or_exit(draw, args.runs, args.out, args.epochs)
     for w in written:
         print(w)
     if not written:
