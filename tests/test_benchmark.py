@@ -8,6 +8,7 @@ import torch
 from common.tools import benchmark
 
 
+@pytest.mark.slow  # times the six scripts (13 s); the --dry GPU check and --mhe stay in the default suite
 def test_benchmark_prints_each_ratio_of_its_two_timings(capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

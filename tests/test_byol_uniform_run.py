@@ -39,13 +39,14 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow  # default suite under 10 minutes on 2 cores; CI runs it (.ci/run)
-@pytest.mark.parametrize("nproc", [1, 2])  # the five other scripts' exact resume run in the default suite
+@pytest.mark.parametrize("nproc", [1, 2])  # four other scripts' exact resume run in the default suite
 def test_exact_resume_equals_uninterrupted_run(tmp_path, nproc):
     """Bit-exact, also with 2 processes, where only rank 0 writes the checkpoint (augmentations included)."""
     more = ["optim.epochs=2", "eval.linear=none", f"dist.nproc={nproc}"]
     S.assert_resume_exact(tmp_path, *more, parts=("online", "target"))  # stopped mid-epoch 0 (4 steps/epoch)
 
 
+@pytest.mark.slow  # each message is a default test's too (test_config, test_data, test_checkpoint_log); here end to end
 def test_bad_inputs_stop_with_one_clear_line(tmp_path):
     line = one_clear_line(run(tmp_path, "optim.lrr=0.1", check=False))  # as a user meets it, once
     assert "optim.lrr" in line and "Valid keys under 'optim'" in line
