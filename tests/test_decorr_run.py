@@ -51,7 +51,6 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path, k):
     S.assert_two_processes_equal_one(tmp_path, *common)
 
 
-@pytest.mark.slow  # 14 s; four other scripts' exact resume and the signal-resume test stay in the default suite
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none"]
     S.assert_resume_exact(tmp_path, *more, cuts=(3,))  # stopped mid-epoch 0 (4 steps/epoch)

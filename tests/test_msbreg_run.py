@@ -52,6 +52,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert torch.equal(a["noise"]["generator"], b["noise"]["generator"])
 
 
+@pytest.mark.slow  # 14 s; MSBReg's 2-process test stays in the default suite, as one exactness check per script
 def test_exact_resume_equals_uninterrupted_run(tmp_path):
     more = ["optim.epochs=2", "eval.linear=none", "loss.K=2"]
     a, b = S.assert_resume_exact(tmp_path, *more, parts=("online", "target"), cuts=(3,))  # mid-epoch 0
