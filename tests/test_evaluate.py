@@ -1,4 +1,5 @@
 """Tests for common/evaluate.py: k-NN, linear probes and diagnostics against definitions in float64."""
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -15,15 +16,30 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _brute_knn(train_f, train_y, test_f, k, t, num_classes, weighted):
-    """Reference k-NN written from the definition: python loops, float64."""
+# Float32 cosine similarities of rows of d <= 16 dims are within (2d + 4) u <= 2.2e-6 of float64's (u = 2^-24: the
+# norm's sum of d squares, the square root and the division, then a dot of d products of unit vectors), whatever
+# the order in which a kernel sums: two similarities further apart than SIM_TOL = 1e-5 keep their order in float32
+SIM_TOL = 1e-5
+
+
+def _brute_knn(train_f, train_y, test_f, k, t, num_classes, weighted, exact=False):
+    """Reference k-NN written from the definition: python loops, float64 (equal similarities: the lower bank
+    index first; equal votes: the lower class). It also asserts the premise of holding the float32 k-NN to it:
+    the data leaves no near-tie that float32 round-off could break another way. The k-th and (k+1)-th
+    similarities are SIM_TOL apart, unless ``exact`` (data whose float32 similarities are exact: ``tie_bank``);
+    the weighted vote's best class leads the next by 4 SIM_TOL / t relative (each weight exp(s / t) is within
+    2 SIM_TOL / t of float64's), unless all the neighbours of the classes that tie are at the largest similarity
+    (weights exp(0) = 1: exact counts); in the majority vote, classes of equal count differ by 2 k SIM_TOL in
+    summed similarity, unless ``exact`` (sums of exact multiples of 1/4)."""
     tr = train_f.double()
     tr = tr / tr.norm(dim=1, keepdim=True)
     preds = []
     for q in test_f.double():
         q = q / q.norm()
         sims = [float(q @ tr[j]) for j in range(len(tr))]
-        order = sorted(range(len(tr)), key=lambda j: -sims[j])[: min(k, len(tr))]
+        ranked = sorted(range(len(tr)), key=lambda j: -sims[j])  # stable: the lower index first among equals
+        order = ranked[: min(k, len(tr))]
+        assert exact or k >= len(tr) or sims[ranked[k - 1]] - sims[ranked[k]] > SIM_TOL, "near-tie at the k-th place"
         score, count, ssum = [0.0] * num_classes, [0] * num_classes, [0.0] * num_classes
         for j in order:
             c = int(train_y[j])
@@ -31,10 +47,15 @@ def _brute_knn(train_f, train_y, test_f, k, t, num_classes, weighted):
             count[c] += 1
             ssum[c] += sims[j]
         if weighted:
-            key = lambda c: (score[c], -c)
+            best = max(range(num_classes), key=lambda c: (score[c], -c))
+            near = {c for c in range(num_classes) if score[c] > score[best] * (1 - 4 * SIM_TOL / t)}
+            top = sims[order[0]]
+            assert len(near) == 1 or all(sims[j] == top for j in order if int(train_y[j]) in near), "near-tie vote"
         else:
-            key = lambda c: (count[c], ssum[c], -c)
-        preds.append(max(range(num_classes), key=key))
+            best = max(range(num_classes), key=lambda c: (count[c], ssum[c], -c))
+            assert exact or all(ssum[best] - ssum[c] > 2 * k * SIM_TOL for c in range(num_classes)
+                                if c != best and count[c] == count[best]), "near-tie vote"
+        preds.append(best)
     return torch.tensor(preds)
 
 
@@ -79,8 +100,9 @@ def test_knn_small_temperature_no_overflow():
     train_y = torch.randint(0, 3, (100,), generator=g)
     ref = _brute_knn(train_f, train_y, test_f, 15, 0.05, 3, True)
     assert torch.equal(knn_predict(train_f, train_y, test_f, k=15, t=0.05, num_classes=3), ref)
+    ref = _brute_knn(train_f, train_y, test_f, 15, 0.005, 3, True)  # float64: exp(200) is finite
     pred = knn_predict(train_f, train_y, test_f, k=15, t=0.005, num_classes=3)  # exp(200) overflows fp32
-    assert torch.equal(pred, knn_predict(train_f, train_y, test_f, k=1, num_classes=3))
+    assert torch.equal(pred, ref) and torch.equal(ref, _brute_knn(train_f, train_y, test_f, 1, 0.1, 3, True))  # 1-NN
 
 
 def test_knn_unweighted_tie_goes_to_larger_similarity_sum():
@@ -112,25 +134,36 @@ def test_knn_k_larger_than_bank():
     assert accs["knn200"] == knn_accuracy(train_f, train_y, test_f, test_y, k=30)
 
 
-def tie_bank(seed=6):
-    """A bank of 8 directions, each held by 5 rows of mixed labels (exact ties), shuffled; queries at those
-    directions: a k-th place inside a group of equal similarities, which the lower bank index wins."""
+def tie_bank(seed=3):
+    """A bank of 8 directions, each held by 5 rows of mixed labels, shuffled; queries at those directions: a k-th
+    place inside a group of equal similarities, which the lower bank index wins. The ties are exact whatever the
+    order in which a kernel sums: each direction has 4 entries of +-1 and 2 of 0 (norm 2), each query is one times
+    a power of two, so the normalised rows hold 0 and +-1/2 and every similarity (between directions too) is a
+    multiple of 1/4, exact in float32 (and TF32, bfloat16)."""
     g = _gen(seed)
-    dirs = torch.randn(8, 6, generator=g)
+    supports = list(itertools.combinations(range(6), 4))
+    dirs = torch.zeros(8, 6)
+    for i, s in enumerate(torch.randperm(len(supports), generator=g)[:8].tolist()):
+        dirs[i, list(supports[s])] = 1.0
+    dirs = dirs * (torch.randint(0, 2, (8, 6), generator=g) * 2 - 1)  # random signs
     order = torch.randperm(40, generator=g)
     train_f, train_y = dirs.repeat_interleave(5, 0)[order], torch.randint(0, 4, (40,), generator=g)
-    pick = torch.randint(0, 8, (30,), generator=g)
-    return train_f, train_y, dirs[pick] * (1 + torch.rand(30, 1, generator=g)), torch.randint(0, 4, (30,), generator=g)
+    pick, scale = torch.randint(0, 8, (30,), generator=g), 2.0 ** torch.randint(-1, 3, (30, 1), generator=g)
+    return train_f, train_y, dirs[pick] * scale, torch.randint(0, 4, (30,), generator=g)
 
 
 @pytest.mark.parametrize("weighted", [True, False])
 def test_knn_ties_go_to_the_lower_bank_index_in_any_blocks(weighted):
     train_f, train_y, test_f, _ = tie_bank()
+    changed = 0
     for k in (1, 3, 7, 12):
-        ref = _brute_knn(train_f, train_y, test_f, k, 0.1, 4, weighted)  # sorted(): stable, lower index first
+        ref = _brute_knn(train_f, train_y, test_f, k, 0.1, 4, weighted, exact=True)  # sorted(): lower index first
+        # the rule decides: the higher index first (the lower one of the reversed bank) changes some predictions
+        changed += (_brute_knn(train_f.flip(0), train_y.flip(0), test_f, k, 0.1, 4, weighted, exact=True) != ref).sum()
         for block, chunk in ((4096, 1024), (7, 5), (12, 30)):  # one block; blocks with a padded edge
             assert knn_accuracy(train_f, train_y, test_f, ref, k=k, num_classes=4, weighted=weighted, block=block,
                                 chunk=chunk) == 100.0, (k, block)
+    assert changed > 0
 
 
 def test_knn_accuracies_reuse_matches_single_k():
@@ -139,8 +172,8 @@ def test_knn_accuracies_reuse_matches_single_k():
     test_f, test_y = torch.randn(60, 10, generator=g), torch.randint(0, 5, (60,), generator=g)
     for weighted in (True, False):
         accs = ev.knn_accuracies(train_f, train_y, test_f, test_y, ks=(5, 20, 200), weighted=weighted, chunk=7)
-        for k in (5, 20, 200):
-            assert accs[f"knn{k}"] == knn_accuracy(train_f, train_y, test_f, test_y, k=k, weighted=weighted)
+        for k in (5, 20, 200):  # the same query chunks: the same similarities, bit for bit
+            assert accs[f"knn{k}"] == knn_accuracy(train_f, train_y, test_f, test_y, k=k, weighted=weighted, chunk=7)
 
 
 # ----------------------------------------------------------------------------- diagnostics
