@@ -3,13 +3,15 @@
     python -m pytest -q -m cuda                     # these tests alone
     python -m common.tools.benchmark --gpu-check    # these, then speed and the largest batch (one run, < 8 min)
 
-Each script's training steps on the GPU under bf16 and fp16 autocast (finite, close to fp32's trajectory, fp32
-weights, the GradScaler saved), ``channels_last`` (same loss, weights stored channels-last),
-``compile`` with inductor (same losses as eager), ``data.on_device`` (the batches of the DataLoader path,
+Each script's training steps on the GPU under bf16 and fp16 autocast (finite, the first loss close to fp32's,
+fp32 weights, the GradScaler saved), ``channels_last`` (the same first loss, weights stored channels-last),
+``compile`` with inductor (the same first loss as eager), ``data.on_device`` (the batches of the DataLoader path,
 element for element, and the same losses), and a run stopped and resumed on the GPU equal to the uninterrupted
 one, bit for bit (and, before that, two uninterrupted runs equal to each other: if that fails, the GPU's kernels
-are not deterministic and no resume can be exact). fp32 on CUDA uses TF32 in convolutions (PyTorch's default),
-so "close to fp32" allows 1e-3 relative there.
+are not deterministic and no resume can be exact). Other kernels (or precisions) are compared on the first step
+(same weights, same views), to their round-off: fp32 on CUDA uses TF32 in convolutions (PyTorch's default), so
+there it allows TF32's (``FP32_FIRST_LOSS_REL``). The later steps are not compared: training amplifies round-off
+(on the CPU, a 1e-7 relative difference of the first loss grew to 4e-3 by the fourth step; TF32's to 4.5e-2).
 
 ``ONEFILE_TEST_DEVICE=cpu`` runs the same tests on the CPU: ``--gpu-check --dry`` does so for a quick subset so
 that this file cannot rot on machines without a GPU.
@@ -36,6 +38,12 @@ TINY = [f"device={DEVICE}", "data.synthetic.train_size=128", "data.synthetic.tes
         "optim.epochs=1", "optim.warmup_epochs=0", "log.every=1", "eval.knn_k=[20]", "eval.linear=none"]
 STEPS = 4
 _runs = {}
+# Round-off of the first loss of an fp32 run, relative. CPU: between the kernel sets of x86 CPUs (AVX-512, AVX2, no
+# vector unit; channels_last vs contiguous, compile vs eager) measured at 10 u at most (u = 2^-24, float32's unit
+# round-off: 6e-7), 1e-5 leaves a factor of 17. CUDA: cuDNN rounds the operands of fp32 convolutions to TF32 (u =
+# 2^-11); rounding every conv's operands to TF32 moved the first loss by 0.7 u at most (on the CPU: raft's 3.3e-4),
+# two runs rounding apart 1.4 u: 8 u = 4e-3 leaves a factor of 5. (The log's 6 decimals: 2e-6 absolute.)
+FP32_FIRST_LOSS_REL = 8 * 2.0 ** -11 if DEVICE == "cuda" and torch.backends.cudnn.allow_tf32 else 1e-5
 
 
 def _tiny(script):
@@ -61,12 +69,18 @@ def _flat(state):
     return torch.cat([v.double().flatten() for k, v in sorted(state.items()) if v.is_floating_point()])
 
 
+def _finite(losses):
+    return len(losses) == STEPS and all(map(torch.isfinite, torch.tensor(losses)))
+
+
 def _check_low_precision(script, tmp_path_factory, precision):
     """Losses of ``STEPS`` steps finite, the first (same weights, same views) within 1e-2 of fp32's, the master
     weights and the EMA target fp32 and finite. Returns (losses, fp32 losses, checkpoint)."""
     fp32, _ = run(script, tmp_path_factory)
     low, ckpt = run(script, tmp_path_factory, f"precision={precision}")
-    assert len(low) == STEPS and all(map(torch.isfinite, torch.tensor(low))), low
+    assert _finite(low), low
+    # bf16's unit round-off is 2^-8 = 3.9e-3 (fp16's 2^-11): measured on the CPU the first loss moved by 1.8e-3 at
+    # most (raft's, bf16; fp16 3.4e-4), fp32's TF32 on CUDA adds 4e-3 at most (FP32_FIRST_LOSS_REL): 1e-2 holds
     assert low[0] == pytest.approx(fp32[0], rel=1e-2), (fp32, low)
     for part in ("online", "target"):
         for k, v in ckpt.get(part, {}).items():
@@ -76,43 +90,41 @@ def _check_low_precision(script, tmp_path_factory, precision):
 
 @pytest.mark.parametrize("script", benchmark.SCRIPTS)
 def test_bf16_autocast_steps_finite_close_to_fp32(script, tmp_path_factory):
-    """bf16 autocast: as above, and the whole trajectory of 4 steps within 5% of fp32's (measured on CPU: 3% at
-    most, Decorr's; each step's update is made from bf16 activations and gradients)."""
-    low, fp32, _ = _check_low_precision(script, tmp_path_factory, "bf16")
-    assert low == pytest.approx(fp32, rel=5e-2), (fp32, low)
+    """bf16 autocast: as above (each step's update made from bf16 activations and gradients; the later losses are
+    not held to fp32's: training amplifies the first step's difference, to 3% and more by the fourth step on the
+    CPU, more than round-off bounds)."""
+    _check_low_precision(script, tmp_path_factory, "bf16")
 
 
 @pytest.mark.parametrize("script", benchmark.SCRIPTS)
 def test_fp16_autocast_with_grad_scaler(script, tmp_path_factory):
     """fp16 autocast + GradScaler (GPUs without bf16): as above; the scaler's state is in the checkpoint, its scale
-    2^16 halved once per step whose gradients overflowed (that step skipped); with no step skipped the trajectory
-    is within 5% of fp32's."""
-    low, fp32, ckpt = _check_low_precision(script, tmp_path_factory, "fp16")
+    2^16 halved once per step whose gradients overflowed (that step skipped)."""
+    _, _, ckpt = _check_low_precision(script, tmp_path_factory, "fp16")
     skipped = 16 - torch.tensor(ckpt["scaler"]["scale"]).log2().item()
     assert skipped in range(STEPS + 1), ckpt["scaler"]
-    if skipped == 0:
-        assert low == pytest.approx(fp32, rel=5e-2), (fp32, low)
 
 
 @pytest.mark.parametrize("script", benchmark.SCRIPTS)
 def test_channels_last_equals_contiguous(script, tmp_path_factory):
-    """channels_last: the losses of the contiguous run (1e-3 relative: other conv kernels, TF32), and the
-    encoder's conv weights are held channels-last (the option took effect)."""
+    """channels_last: the first loss of the contiguous run (other conv kernels: to their round-off), later losses
+    finite, and the encoder's conv weights are held channels-last (the option took effect)."""
     ref, _ = run(script, tmp_path_factory)
     cl, ckpt = run(script, tmp_path_factory, "channels_last=true")
-    assert cl == pytest.approx(ref, rel=1e-3), (ref, cl)
+    assert cl[0] == pytest.approx(ref[0], rel=FP32_FIRST_LOSS_REL, abs=2e-6) and _finite(cl), (ref, cl)
     convs = [v for k, v in ckpt["online"].items() if k.startswith("f.") and v.dim() == 4 and v.shape[-1] > 1]
     assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
 
 
 def test_compile_with_inductor_equals_eager(tmp_path_factory):
-    """compile: true with the default backend (inductor: Triton kernels on CUDA): the losses of eager mode
-    (1e-3 relative: fused kernels reorder sums), and the run's evaluation (eval mode, other shapes) works."""
+    """compile: true with the default backend (inductor: Triton kernels on CUDA): the first loss of eager mode
+    (fused kernels reorder sums, other conv layouts: to their round-off), later losses finite, and the run's
+    evaluation (eval mode, other shapes) works."""
     torch._dynamo.reset()
     eager, _ = run("byol_uniform", tmp_path_factory)
     compiled, ckpt = run("byol_uniform", tmp_path_factory, "compile=true")
-    assert compiled == pytest.approx(eager, rel=1e-3), (eager, compiled)
-    assert all(torch.isfinite(v.float()).all() for v in ckpt["online"].values())
+    assert compiled[0] == pytest.approx(eager[0], rel=FP32_FIRST_LOSS_REL, abs=2e-6), (eager, compiled)
+    assert _finite(compiled) and all(torch.isfinite(v.float()).all() for v in ckpt["online"].values())
 
 
 def test_data_on_device_gives_the_dataloader_batches(tmp_path_factory):
