@@ -15,16 +15,20 @@ the range written there (a string such as ``"0 < x <= 1"``; for a list every
 item, with ``increasing`` / ``not empty`` / ``length N`` where said; a hint after ``;``), and a default of
 ``REQUIRED`` must be given. Any violation raises ``UserError`` naming the key,
 the value and what is valid, before anything is loaded or trained. ``null``
-defaults accept any value.
+defaults accept any value. ``--help [KEY_PREFIX]`` lists the keys: default, type and range (from the same
+tables), and meaning (the trailing comment of each key in BASE or the script's DEFAULTS).
 
 Usage in a script::
 
     cfg = parse(sys.argv[1:], METHOD_DEFAULTS, METHOD_CHOICES, method="byol_uniform")
 """
 import argparse
+import ast
 import copy
 import difflib
+import json
 import sys
+import tokenize
 from pathlib import Path
 
 import yaml
@@ -85,7 +89,7 @@ PRESETS = {
 BASE = {
     "name": None,            # run name; default: the config file's stem
     "out_dir": "runs",       # run folder = out_dir/<method>/<name>
-    "seed": 0,
+    "seed": 0,               # seeds the weights, the augmentations and the data order
     "device": "auto",        # auto: cuda if available else cpu
     "resume": "none",        # none | auto (last checkpoint of the run folder) | path/to/checkpoint.pt
     "resume_allow_changes": False,  # resume with settings that alter training (recorded); default: refused
@@ -94,7 +98,7 @@ BASE = {
     "channels_last": False,  # memory format for conv nets on CUDA
     "compile": False,        # torch.compile the encoder (SyncBN left eager; first steps pay the compile time)
     "data": {
-        "name": "synthetic",
+        "name": "synthetic",  # dataset (its preset sets data.image_size and, for small images, no blur)
         "root": "data",      # where the datasets are; folder: the folder holding train/ (and val/)
         "download": False,   # only true ever downloads
         "image_size": 32,    # size of the training views
@@ -103,33 +107,34 @@ BASE = {
         "on_device": False,  # small in-memory datasets: keep the uint8 images on the training device, no workers
         "mean": None,        # folder only: per-channel mean in [0, 1] units (null: computed once and cached)
         "std": None,         # folder only: per-channel std (null: computed with the mean)
-        "synthetic": {"train_size": 10000, "test_size": 2000, "size": 32, "classes": 10, "seed": 0},
+        "synthetic": {"train_size": 10000, "test_size": 2000,  # the embedded shapes (common.data): images per split,
+                      "size": 32, "classes": 10, "seed": 0},   # their side, shape classes (<= 10), generator seed
     },
     "augment": {             # BYOL views (Grill et al.; BYOL-MHE App. B.2)
         "path": "batched",   # batched: per-sample random ops on the training device | cpu: torchvision v2 in workers
                              # | hybrid: decode + crop + flip in workers, colour/blur/solarise on the device
-        "crop_scale": [0.08, 1.0],
-        "crop_ratio": [0.75, 4.0 / 3.0],
-        "flip_p": 0.5,
+        "crop_scale": [0.08, 1.0],       # random resized crop: area fraction
+        "crop_ratio": [0.75, 4.0 / 3.0],  # random resized crop: aspect ratio
+        "flip_p": 0.5,                   # horizontal flip probability
         "jitter": [0.4, 0.4, 0.2, 0.1],  # brightness, contrast, saturation, hue
-        "jitter_p": 0.8,
-        "gray_p": 0.2,
-        "blur_p": [1.0, 0.1],            # per view (BYOL's asymmetric pair)
-        "blur_sigma": [0.1, 2.0],
-        "solarize_p": [0.0, 0.2],        # per view
+        "jitter_p": 0.8,                 # colour jitter probability
+        "gray_p": 0.2,                   # grayscale probability
+        "blur_p": [1.0, 0.1],            # blur probability per view (BYOL's asymmetric pair)
+        "blur_sigma": [0.1, 2.0],        # Gaussian blur sigma
+        "solarize_p": [0.0, 0.2],        # solarisation probability per view
     },
     "model": {                     # the encoder; each script adds its heads (a paper's choice)
-        "arch": "resnet18",
+        "arch": "resnet18",        # the ResNet encoder f
         "width": 64,               # 64 = torchvision's ResNet; smaller for CPU-sized runs
         "cifar_stem": True,        # 3x3 stride-1 conv, no max-pool
         "norm": "bn",              # bn | gn | ln | none (no-BN ablations)
-        "zero_init_residual": False,
+        "zero_init_residual": False,  # zero-init the last norm scale of each residual block
         "sync_bn": True,           # SyncBatchNorm when training on more than one process
     },
     "optim": {                     # each script adds its paper's name, lr, weight_decay, batch_size, epochs,
                                    # warmup_epochs (and an EMA script its ema: tau, schedule)
         "lr_scaling": "linear",    # linear: lr = base * batch_size * accum_steps / 256 | none
-        "momentum": 0.9,
+        "momentum": 0.9,           # lars/sgd momentum
         "eta": 0.001,              # LARS trust coefficient
         "exclude_bias_norm": True,  # no weight decay / LARS adaptation for biases and norm parameters
         "betas": [0.9, 0.999],     # adam/adamw
@@ -139,14 +144,14 @@ BASE = {
     "eval": {
         "every": 1,                # epochs between kNN evaluations (0: only at the end)
         "knn_k": [200],            # first entry is the monitored kNN
-        "knn_t": 0.1,
-        "batch_size": 512,
+        "knn_t": 0.1,              # temperature of the weighted kNN
+        "batch_size": 512,         # evaluation batch (feature extraction)
         "linear": "fast",          # fast: on cached features | paper: augmented, frozen encoder | none
-        "linear_epochs": 100,
-        "linear_lr": 0.2,
-        "linear_batch_size": 256,
-        "linear_weight_decay": 0.0,
-        "linear_optimizer": "sgd",
+        "linear_epochs": 100,      # linear probe: epochs
+        "linear_lr": 0.2,          # linear probe: learning rate (cosine schedule)
+        "linear_batch_size": 256,  # linear probe: batch size
+        "linear_weight_decay": 0.0,  # linear probe: weight decay
+        "linear_optimizer": "sgd",  # linear probe: optimizer
         "crop": 28 / 32,           # CIFAR: centre crop of this fraction of the source side before the resize
                                    # (BYOL-MHE App. B.2: 28/32); 1.0: none (RAFT App. B); common.augment.eval_transform
     },
@@ -208,6 +213,14 @@ CHOICES = {
 }
 # Keys whose default is a word but which also take a YAML boolean (``log.progress: false``).
 SWITCHES = ("log.progress",)
+# --help: a key's meaning is its trailing comment in BASE, else here (keys that several scripts add), else its comment
+# in the script's DEFAULTS (_comments reads them from the source: the comment is the documentation).
+SCRIPT_KEYS = {"optim.name": "optimizer", "optim.lr": "base learning rate (see optim.lr_scaling)",
+               "optim.weight_decay": "weight decay", "optim.batch_size": "global batch over all processes",
+               "optim.epochs": "training epochs", "optim.warmup_epochs": "linear lr warm-up from 0, then cosine to 0",
+               "ema.tau": "target EMA rate: xi <- tau xi + (1 - tau) theta", "ema.schedule": "cosine: tau rises to 1",
+               "model.proj_hidden": "projector hidden width", "model.proj_dim": "projector output dimension",
+               "model.pred_hidden": "predictor hidden width"}
 
 
 def merge(base, new):
@@ -243,23 +256,23 @@ def _check(defaults, user, where, prefix=""):
     return out
 
 
+def _kind(default):
+    """The type a key takes, from its default: what _check_value checks and --help shows."""
+    if default is None or default == REQUIRED:
+        return "any"
+    floats = isinstance(default, list) and default and all(isinstance(x, float) for x in default)
+    return "list[float]" if floats else _typename(default)
+
+
 def _check_value(key, default, v, where):
-    if default is None or default == REQUIRED or (key in SWITCHES and isinstance(v, bool)):
+    kind = _kind(default)
+    if kind == "any" or (key in SWITCHES and isinstance(v, bool)):
         return v
-    if isinstance(default, bool):
-        ok = isinstance(v, bool)
-    elif isinstance(default, int):
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    elif isinstance(default, float):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        v = float(v) if ok else v
-    elif isinstance(default, list):
-        ok = isinstance(v, list)
-        if ok and default and all(isinstance(x, float) for x in default):
-            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            v = [float(x) for x in v] if ok else v
-    else:
-        ok = isinstance(v, type(default))
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    nums = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ok = {"bool": isinstance(v, bool), "int": num and isinstance(v, int), "float": num,
+          "list[float]": nums}.get(kind, isinstance(v, type(default)))
+    v = float(v) if ok and kind == "float" else [float(x) for x in v] if ok and kind == "list[float]" else v
     if not ok:
         raise UserError(f"config key '{key}' expects {_typename(default)} (like {default!r}), "
                         f"got {_typename(v)} {v!r} ({where})")
@@ -375,17 +388,24 @@ def parse(argv, method_defaults=None, method_choices=None, method="run"):
 
 
 def _parse(argv, method_defaults=None, method_choices=None, method="run"):
-    ap = argparse.ArgumentParser(description=f"{method}: see the script's docstring and README.")
+    ap = argparse.ArgumentParser(description=f"{method}: see the script's docstring and README.", add_help=False)
+    ap.add_argument("-h", "--help", nargs="?", const="", metavar="KEY_PREFIX", help="list the config keys, then exit")
     ap.add_argument("--config", help="YAML config file (keys as in the defaults)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                     help="dotted overrides, e.g. --set optim.lr=0.5 data.name=cifar100")
     args = ap.parse_args(argv)
-    defaults = merge(BASE, method_defaults or {})
+    defaults, choices = merge(BASE, method_defaults or {}), {**CHOICES, **(method_choices or {})}
+    if args.help is not None:  # with the comments of the script that defines method_defaults (run as __main__)
+        main = sys.modules["__main__"]
+        source = main.__file__ if getattr(main, "DEFAULTS", None) is method_defaults else None
+        print(*[] if args.help else [ap.format_help(), "config keys (x: the value or each list item):"],
+              help_text(defaults, choices, args.help, source), sep="\n")
+        sys.exit(0)
     layers = []
     if args.config:
         layers.append((load_yaml(args.config), f"in {args.config}"))
     layers.append((parse_overrides(args.set), "from --set"))
-    cfg = resolve(defaults, layers, {**CHOICES, **(method_choices or {})}, PRESETS)
+    cfg = resolve(defaults, layers, choices, PRESETS)
     if cfg.name is None:
         cfg.name = Path(args.config).stem if args.config else "default"
     if not isinstance(cfg.name, str) or not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
@@ -395,6 +415,53 @@ def _parse(argv, method_defaults=None, method_choices=None, method="run"):
         raise UserError(f"out_dir={cfg.out_dir!r} is empty: the run would be written into the current folder; "
                         "set out_dir=runs (the default) or another folder")
     return cfg
+
+
+def _comments(path, name):
+    """{dotted key: trailing comment} of the dict literal ``name = {...}`` in the file ``path``; a comment goes on in
+    the comment-only lines below it that start at its column."""
+    src = Path(path).read_text(encoding="utf-8")
+    notes = {t.start[0]: (t.start[1], t.string.lstrip("#").strip(), not t.line[:t.start[1]].strip())
+             for t in tokenize.generate_tokens(iter(src.splitlines(True)).__next__) if t.type == tokenize.COMMENT}
+    out, todo = {}, [(n.value, "") for n in ast.parse(src).body if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "id", None) == name and isinstance(n.value, ast.Dict)]
+    while todo:
+        node, prefix = todo.pop()
+        for k, v in zip(node.keys, node.values):
+            line, key = v.end_lineno, f"{prefix}{k.value}"
+            if isinstance(v, ast.Dict):
+                todo.append((v, key + "."))
+            elif line in notes and not notes[line][2]:  # a trailing comment, and its continuation lines
+                col, out[key] = notes[line][:2]
+                while notes.get(line + 1, (0, 0, False))[::2] == (col, True):
+                    line += 1
+                    out[key] += " " + notes[line][1]
+    return out
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+
+def help_text(defaults, choices, prefix="", source=None):
+    """One aligned line per key that starts with ``prefix``: its default, the type and the values that --set
+    accepts (from _kind and ``choices``, as the checks), its meaning (comments of BASE and the ``source`` file)."""
+    meaning = {**(_comments(source, "DEFAULTS") if source else {}), **SCRIPT_KEYS, **_comments(__file__, "BASE")}
+    rows = []
+    for key, d in (kv for kv in _leaves(defaults) if kv[0].startswith(prefix)):
+        spec, note = choices.get(key), meaning.get(key, "")
+        rng, _, hint = spec.partition(";") if isinstance(spec, str) else ("", "", "")
+        allowed = f"{_kind(d)} {rng.strip() if isinstance(d, list) else rng.strip().removeprefix('x ')}".rstrip()
+        if isinstance(spec, tuple):
+            allowed = "|".join(str(c).lower() if isinstance(c, bool) else str(c) for c in spec)
+        hint = "" if hint.strip() in note else hint.strip()  # the range's hint, unless the comment says it already
+        rows.append((key, d if isinstance(d, str) else json.dumps(d), allowed, "; ".join(filter(None, (note, hint)))))
+    if not rows:
+        raise UserError(f"--help {prefix}: no config key starts with {prefix!r}; the sections: "
+                        + ", ".join(k for k, v in defaults.items() if isinstance(v, dict)))
+    w = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((40, 12, 20))]
+    return "\n".join(f"{k:<{w[0]}}  {d:<{w[1]}}  {t:<{w[2]}}  {m}".rstrip() for k, d, t, m in rows)
 
 
 def save(cfg, path):

@@ -1,4 +1,10 @@
-"""common.config: merging, strict keys/types/choices, required values, overrides."""
+"""common.config: merging, strict keys/types/choices, required values, overrides, --help."""
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -164,3 +170,102 @@ def test_missing_base_file_names_the_file_that_refers_to_it(tmp_path):
         parse(["--config", str(tmp_path / "child.yaml")])
     msg = str(e.value)
     assert str(tmp_path / "child.yaml") in msg and "base: nope.yaml" in msg and str(tmp_path / "nope.yaml") in msg
+
+
+# ---------------------------------------------------------------------- issue #34: --help lists every key
+SCRIPTS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _leaves(d, prefix=""):
+    """Every (key, default) that --set accepts: the leaves of the defaults (BASE <- the script's DEFAULTS)."""
+    for k, v in d.items():
+        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+
+def _help(script, monkeypatch, capsys, *argv):
+    """{key: [default, allowed, meaning]} of ``python <script>.py --help ...``, run by the script's own parse in this
+    process (as __main__, whose DEFAULTS' comments it reads), and the whole output."""
+    mod = importlib.import_module(script)
+    monkeypatch.setitem(sys.modules, "__main__", mod)
+    with pytest.raises(SystemExit) as e:
+        config.parse(["--help", *argv], mod.DEFAULTS, getattr(mod, "CHOICES", None), script)
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    table = out.split("config keys (x: the value or each list item):\n")[-1]
+    rows = [re.split(r" {2,}", line, maxsplit=3) for line in table.splitlines()]
+    assert len({r[0] for r in rows}) == len(rows), "one line per key"
+    return {r[0]: r[1:] + [""] * (4 - len(r)) for r in rows}, out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_key_with_its_default_type_range_and_meaning(script, monkeypatch, capsys):
+    rows, out = _help(script, monkeypatch, capsys)
+    mod = importlib.import_module(script)
+    defaults, choices = config.merge(config.BASE, mod.DEFAULTS), {**config.CHOICES, **getattr(mod, "CHOICES", {})}
+    keys = dict(_leaves(defaults))
+    assert set(rows) == set(keys) and "--set KEY=VALUE" in out
+    for key, default in keys.items():
+        shown, allowed, meaning = rows[key]
+        # the printed default, given to --set, is the default
+        value = config.parse_overrides([f"{key}={shown}"])
+        for part in key.split("."):
+            value = value[part]
+        assert config._check_value(key, default, value, "--help") == default, (key, shown)
+        spec = choices.get(key)
+        if isinstance(spec, tuple):  # the choices the check accepts
+            assert allowed.split("|") == [str(c).lower() if isinstance(c, bool) else str(c) for c in spec], key
+        elif isinstance(spec, str):  # the range the check applies
+            assert allowed.endswith(spec.split(";")[0].strip().removeprefix("x " * (not isinstance(default, list))))
+        if key in dict(_leaves(config.BASE)) or key in config.SCRIPT_KEYS:
+            assert meaning, f"{key}: every key of BASE has a trailing comment, read as its meaning"
+    assert rows["optim.lr"][0] == str(mod.DEFAULTS["optim"]["lr"])  # the script's default, not BASE's
+
+
+def test_help_meaning_is_the_trailing_comment(monkeypatch, capsys):
+    rows, _ = _help("byol_uniform", monkeypatch, capsys)
+    uni = "λ_uni of Eq. 7 (§4; App. D lists uni_val=0.1); 0 = plain BYOL"
+    assert rows["loss.lambda_uni"] == ["0.125", "float", uni]  # the script's own comment
+    assert rows["augment.path"][2].endswith("| hybrid: decode + crop + flip in workers, colour/blur/solarise on the "
+                                            "device")  # a comment continued on the next line
+    lr = "base learning rate (see optim.lr_scaling); 0 keeps the initial weights (a random-init baseline)"
+    assert rows["optim.lr"][1:] == ["float >= 0", lr]  # SCRIPT_KEYS, then the range's hint
+
+
+def test_comments_reads_trailing_comments_and_their_continuation(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('X = 1  # not D\n'
+                 'D = {"a": 1,  # one\n'
+                 '     "b": {"c": [1,\n'
+                 '                 2],  # two\n'
+                 '                      # and more\n'
+                 '           "d": 3},\n'
+                 '     # a header, not a continuation\n'
+                 '     "e": 4, "f": 5}  # e and f\n')
+    assert config._comments(f, "D") == {"a": "one", "b.c": "two and more", "e": "e and f", "f": "e and f"}
+
+
+def test_help_prefix_shows_only_that_section(monkeypatch, capsys):
+    rows, out = _help("byol_uniform", monkeypatch, capsys, "optim")
+    assert set(rows) == {k for k, _ in _leaves(config.merge(config.BASE, M)) if k.startswith("optim.")}
+    assert "usage" not in out and "optim.lr" in rows
+    assert _help("raft", monkeypatch, capsys, "data.synthetic")[0].keys() == {
+        f"data.synthetic.{k}" for k in config.BASE["data"]["synthetic"]}
+
+
+def test_help_unknown_prefix_is_one_line_naming_the_sections(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            config.parse([flag, "optimiser"], M)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --help optimiser")
+        assert all(s in err[0] for s in ("augment", "optim", "ema", "loss"))
+
+
+def test_help_of_a_script_run_by_python():
+    p = subprocess.run([sys.executable, "byol_uniform.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("optim.lr "))
+    assert line.split()[:4] == ["optim.lr", "1.5", "float", ">="] and "base learning rate" in line
+    assert "t of Eq. 3" in p.stdout  # a comment of the script's own DEFAULTS
