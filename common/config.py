@@ -15,8 +15,7 @@ the range written there (a string such as ``"0 < x <= 1"``; for a list every
 item, with ``increasing`` / ``not empty`` / ``length N`` where said; a hint after ``;``), and a default of
 ``REQUIRED`` must be given. Any violation raises ``UserError`` naming the key,
 the value and what is valid, before anything is loaded or trained. ``null``
-defaults accept any value. ``--help [KEY_PREFIX]`` lists the keys: default, type and range (from the same
-tables), and meaning (the trailing comment of each key in BASE or the script's DEFAULTS).
+defaults accept any value. ``--help [KEY_PREFIX]`` lists each key's default, type, range and comment (its meaning).
 
 Usage in a script::
 
@@ -125,7 +124,7 @@ BASE = {
     },
     "model": {                     # the encoder; each script adds its heads (a paper's choice)
         "arch": "resnet18",        # the ResNet encoder f
-        "width": 64,               # 64 = torchvision's ResNet; smaller for CPU-sized runs
+        "width": 64,               # base channels: 64 = torchvision's ResNet; smaller for CPU-sized runs
         "cifar_stem": True,        # 3x3 stride-1 conv, no max-pool
         "norm": "bn",              # bn | gn | ln | none (no-BN ablations)
         "zero_init_residual": False,  # zero-init the last norm scale of each residual block
@@ -137,9 +136,9 @@ BASE = {
         "momentum": 0.9,           # lars/sgd momentum
         "eta": 0.001,              # LARS trust coefficient
         "exclude_bias_norm": True,  # no weight decay / LARS adaptation for biases and norm parameters
-        "betas": [0.9, 0.999],     # adam/adamw
+        "betas": [0.9, 0.999],     # adam/adamw betas
         "accum_steps": 1,          # optimizer (and EMA) step every N forwards
-        "clip_grad": 0.0,          # 0: off
+        "clip_grad": 0.0,          # clip the gradient norm to this (0: off)
     },
     "eval": {
         "every": 1,                # epochs between kNN evaluations (0: only at the end)
@@ -258,10 +257,8 @@ def _check(defaults, user, where, prefix=""):
 
 def _kind(default):
     """The type a key takes, from its default: what _check_value checks and --help shows."""
-    if default is None or default == REQUIRED:
-        return "any"
     floats = isinstance(default, list) and default and all(isinstance(x, float) for x in default)
-    return "list[float]" if floats else _typename(default)
+    return "any" if default is None or default == REQUIRED else "list[float]" if floats else _typename(default)
 
 
 def _check_value(key, default, v, where):
