@@ -140,16 +140,3 @@ def test_defaults_alone_are_the_papers_cifar10_resnet18_setting_with_app_d_probe
     e = cfg.eval
     assert (e.linear, e.linear_epochs, e.linear_batch_size, e.linear_lr, e.linear_weight_decay, e.linear_optimizer) \
         == ("paper", 80, 100, 0.2, 0.0, "sgd")
-
-
-# ---------------------------------------------------------------------------------------- learning check
-FEATURE_STD_FLOOR = 0.02  # per-dim std of l2-normalised 128-d features; a collapsed encoder gives ~0
-
-
-@pytest.mark.slow
-def test_quickstart_learns_without_collapse(tmp_path):
-    """The quickstart config, fewer epochs: weighted kNN (k=200, T=0.1) >= random-init kNN + 15 points."""
-    run(tmp_path, "optim.epochs=10", "eval.every=0", "eval.linear=none", "log.every=100", name="learn", tiny=False)
-    s = json.loads((tmp_path / "byol_mhe" / "learn" / "summary.json").read_text())
-    assert s["knn200"] >= s["knn_init"] + 15, s
-    assert s["feature_std"] > FEATURE_STD_FLOOR, s

@@ -1,49 +1,124 @@
-"""(slow) One quickstart, run as the README's Results table says, against that table's row: a stale row fails CI.
+"""(slow) The README's quickstart rows against the quickstarts, run as the README writes them; each run also checks
+that its method learns.
 
-The quickstart: center_penalty, the cheapest of the six in wall time (about 75 s with 2 threads; RAFT's took 238 s
-with 1 thread, the others train longer or on more views). The README's row gives ``kNN <init> → <final>, linear
-<top-1>``; the run writes them to summary.json as ``knn_init``, ``knn200`` and ``linear_top1``.
+A band row reads ``kNN A → B ± s, linear C ± t``: A the random-init encoder's kNN of the command as written (seed 0),
+B ± s and C ± t the mean ± sample std of the final kNN and the linear top-1 over the runs of its method's
+``configs/<method>/README.md`` (3 seeds on one CPU's own kernels, 2 seeds on a second kernel set, see
+``KERNELS_2``). Another CPU's kernels move a short run's end point as another seed does, so a user's run lands in the
+band, not on B: within max(3 s, 1.5) of B and max(3 t, 1.5) of C; A, one forward of fixed weights, within 0.5.
 
-Tolerances (points of top-1 on the 1000 synthetic test images). Another x86 CPU runs other SIMD kernels, which
-change the last digits of float sums; a 20-epoch SGD run amplifies such differences into a different trajectory
-whose end point scatters as another seed would. Measured: the RAFT quickstart with 1 thread instead of the README's
-2 (the same kind of change: another summation order) ended 2.4 kNN and 3.9 linear points away from its row, at the
-same kNN at random init (27.2, exactly). Hence: kNN at random init, one forward of fixed weights with no training,
-within 0.5; trained kNN within 3 and linear within 4 (the probe adds its own spread). A row re-measured on another
-setting, or left stale after a change of the method's defaults, is usually further off than that.
+Rows not yet measured as bands (``SINGLE_RUN``, issue #33) still read ``kNN A → B, linear C``: one run on the
+developers' CPU, checked with the tolerances of before (``POINT_TOL``: 3 kNN and 4 linear points, the spread that one
+run's change of summation order gave).
 """
 import re
+import statistics
 
 import pytest
 
 from scriptrun import ROOT, Script
 
-METHOD = "center_penalty"
-COMMAND = f"python {METHOD}.py --config configs/quickstart/{METHOD}.yaml"
-TOL = {"knn_init": 0.5, "knn200": 3.0, "linear_top1": 4.0}
+METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
+# The quickstarts CI runs here (2 threads, with their linear probe), chosen to fit CI's time on 2 cores; the others'
+# rows are checked against their runs tables only (test_readme_band_is_the_mean_and_std_of_the_runs_table).
+BANDS = ("byol_mhe", "msbreg")  # rows measured as bands (runs tables); the others are still single runs
+SINGLE_RUN = tuple(m for m in METHODS if m not in BANDS)
+# MSBReg's band is wider than the bar (issue #33 open): its 5 runs' kNN std is 3.0 > 2.0, and 3 s > 5 points.
+WIDE = {"msbreg": "issue #33: MSBReg's quickstart band is wider than 2.0 kNN points (seeds 43.2 to 51.2)"}
+# Run here (2 threads): the band rows and the cheapest single-run row; the others' learning checks: tests/test_*_run.py
+RUN = ("byol_mhe", "msbreg", "center_penalty")
+POINT_TOL = {"knn_init": 0.5, "knn200": 3.0, "linear_top1": 4.0}
+FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised encoder features: ~1/√dim spread, ~0 collapsed
+ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+) ± ([\d.]+), linear ([\d.]+) ± ([\d.]+)")
+POINT_ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+), linear ([\d.]+)")
+KERNELS_2 = "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"
 
 
-def readme_row(method=METHOD):
-    """(kNN at random init, final kNN, linear top-1) of the README Results row of ``method``'s quickstart."""
-    rows = [line for line in (ROOT / "README.md").read_text().splitlines()
-            if line.startswith(f"| {method} |") and f"`{COMMAND}`" in line]
-    assert len(rows) == 1, f"one README row runs `{COMMAND}`: {rows}"
-    m = re.search(r"kNN ([\d.]+) → ([\d.]+), linear ([\d.]+)", rows[0])
-    assert m, rows[0]
-    return dict(zip(("knn_init", "knn200", "linear_top1"), map(float, m.groups())))
+def command(method):
+    return f"python {method}.py --config configs/quickstart/{method}.yaml"
 
 
-def test_readme_row_parses():
-    row = readme_row()
-    assert all(0 < v <= 100 for v in row.values()) and row["knn200"] > row["knn_init"]
+def readme_row(method, text=None):
+    """{knn_init, knn200, knn200_std, linear_top1, linear_top1_std} of the README Results row of ``method``'s
+    quickstart."""
+    text = text if text is not None else (ROOT / "README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(f"| {method} |") and f"`{command(method)}`" in line]
+    assert len(rows) == 1, f"one README row runs `{command(method)}`: {rows}"
+    m = ROW.search(rows[0])
+    if m is None and method in SINGLE_RUN:
+        m = POINT_ROW.search(rows[0])
+        assert m, f"the row should read 'kNN A → B, linear C': {rows[0]}"
+        return dict(zip(("knn_init", "knn200", "linear_top1"), map(float, m.groups())))
+    assert m, f"the row should read 'kNN A → B ± s, linear C ± t': {rows[0]}"
+    return dict(zip(("knn_init", "knn200", "knn200_std", "linear_top1", "linear_top1_std"), map(float, m.groups())))
+
+
+def runs_table(method):
+    """The rows of ``configs/<method>/README.md``'s quickstart runs table: (kernels, seed, kNN init, kNN, linear)."""
+    text = (ROOT / "configs" / method / "README.md").read_text()
+    block = text.split("<!-- quickstart runs -->", 1)[1].split("<!-- end of the quickstart runs -->", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
+            if line.startswith("|")][2:]
+    return [(r[0], int(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in rows]
+
+
+def band_errors(got, row):
+    """What is off between a run's summary ``got`` and a README ``row``: {key: (ours, README, tolerance)}."""
+    tol = dict(POINT_TOL) if "knn200_std" not in row else {
+        "knn_init": 0.5, "knn200": max(3 * row["knn200_std"], 1.5), "linear_top1": max(3 * row["linear_top1_std"], 1.5)}
+    return {k: (round(got[k], 1), row[k], t) for k, t in tol.items() if abs(got[k] - row[k]) > t}
+
+
+def wide(methods):
+    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=WIDE[m])) if m in WIDE else m
+            for m in methods]
+
+
+@pytest.mark.xfail(strict=True, reason=f"issue #33: {', '.join(SINGLE_RUN)} still have single-run rows")
+def test_every_quickstart_row_is_a_band():
+    assert not SINGLE_RUN
+
+
+@pytest.mark.parametrize("method", BANDS)
+def test_readme_band_is_the_mean_and_std_of_the_runs_table(method):
+    """The row's band is its runs table's (3 seeds on one kernel set, 2 on the second), each std at most 2.0
+    kNN points, every run 15 or more kNN points above its random-init encoder; A is seed 0's on the first set."""
+    row, runs = readme_row(method), runs_table(method)
+    own, second = [r for r in runs if r[0] == "own"], [r for r in runs if r[0] == "second"]
+    assert sorted(r[1] for r in own) == [0, 1, 2] and sorted(r[1] for r in second) == [0, 1], runs
+    for i, key in ((3, "knn200"), (4, "linear_top1")):
+        values = [r[i] for r in runs]
+        assert round(statistics.mean(values), 1) == row[key], (key, values, row)
+        assert round(statistics.stdev(values), 1) == row[f"{key}_std"], (key, values, row)
+    assert all(r[3] >= r[2] + 15 for r in runs), runs
+    assert row["knn_init"] == next(r[2] for r in own if r[1] == 0)
+
+
+@pytest.mark.parametrize("method", wide(BANDS))
+def test_each_band_is_at_most_2_knn_points_wide(method):
+    assert readme_row(method)["knn200_std"] <= 2.0, readme_row(method)
+
+
+@pytest.mark.parametrize("method", wide(METHODS))
+def test_a_row_edited_by_5_points_is_caught(method):
+    """The check below fails on a stale row: each of the three numbers moved by 5 points is out of its band."""
+    row = readme_row(method)
+    got = {k: row[k] for k in ("knn_init", "knn200", "linear_top1")}
+    assert not band_errors(got, row)
+    for k in got:
+        assert k in band_errors({**got, k: got[k] + 5}, row), (method, k)
 
 
 @pytest.mark.slow
-def test_quickstart_reproduces_its_readme_row(tmp_path):
-    """The command as the README writes it (2 threads, its stated setting), numbers within TOL of the row."""
-    S = Script(METHOD, [])
-    S.run(tmp_path, name="quickstart", tiny=False, threads="2", timeout=1200)
-    s, row = S.summary(tmp_path, "quickstart"), readme_row()
-    got = {k: round(s[k], 1) for k in TOL}
-    off = {k: (got[k], row[k]) for k in TOL if abs(got[k] - row[k]) > TOL[k]}
-    assert not off, f"README row stale? (ours, README) beyond {TOL}: {off}; re-measure with `{COMMAND}`"
+@pytest.mark.parametrize("method", RUN)
+def test_quickstart_lands_in_its_readme_band_and_learns(tmp_path, method):
+    """The command as the README writes it (2 threads): its numbers within the row's band, and it learns."""
+    S = Script(method, [])
+    S.run(tmp_path, name="quickstart", tiny=False, threads="2", timeout=1800)
+    s = S.summary(tmp_path, "quickstart")
+    off = band_errors(s, readme_row(method))
+    assert not off, f"(ours, README, tolerance) out of the band: {off}; re-measure with `{command(method)}`"
+    assert s["knn200"] >= s["knn_init"] + 15, s
+    assert s["feature_std"] > FEATURE_STD_FLOOR, s
+    if method == "center_penalty":  # collapse raises ||s|| of the outputs towards 1 (CenterVector §2.1)
+        assert s["s_norm_test"] < 0.5, s
