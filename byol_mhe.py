@@ -222,7 +222,7 @@ def byol_mhe_loss(model, target, x1, x2, layers, mhe):
 def train(cfg):
     cfg = check_mhe(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two BYOL views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q; the EMA target (f, g); the MHE layers (Eq. 10); LARS, lr scaled by the global batch
@@ -233,7 +233,7 @@ def train(cfg):
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: every layer's E_s (Eq. 8 / 11), the weights' own
         return energies(online, cfg.mhe.layers, cfg.mhe.power)

@@ -350,7 +350,7 @@ def train(cfg):
     if cfg.data.name == "toy2d":
         return train_toy(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g (and h for SimSiam); no EMA target; SGD as SimSiam (the predictor's lr may be fixed)
@@ -358,7 +358,7 @@ def train(cfg):
     peak_lr = scaled_lr(cfg.optim)
     opt = optimizer(cfg, online, peak_lr)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
+    maybe_compile(online.f, cfg)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: ||s|| of the test images' outputs z
         return {"s_norm_test": center_vector_norm(apply_eval(online.g, f_test)).item()}

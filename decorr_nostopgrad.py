@@ -277,7 +277,7 @@ def train(cfg):
         raise UserError(f"loss.partitions={cfg.loss.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
                         "(equal partitions, Decorr §4.4)")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g, W_p, no target network; LARS with base 0.3 x batch/256 for the whole model (§5.1)
@@ -286,7 +286,7 @@ def train(cfg):
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
+    maybe_compile(online.f, cfg)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: the collapse indicators; every diag.wp_every epochs W_p (Fig. 3-4)
         return decorr_diagnostics(online, run, cfg, f_test)

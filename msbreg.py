@@ -193,7 +193,7 @@ def train(cfg):
     if not cfg.loss.centroid and K != 2:
         raise UserError(f"loss.K={K} with loss.centroid=false: BYOL's Eq. 1 is for K = 2 views")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(K)  # K views of each image, made on the training device
+    views = run.views(K)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
     noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, run.device)  # the same stream on every rank
 
@@ -204,7 +204,7 @@ def train(cfg):
     peak_lr = scaled_lr(cfg.optim, lr_factor=K)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: Eq. 5-7 on the predictions of the test images
         return singular_values(online, f_test, cfg.loss.s_normalized)

@@ -37,8 +37,9 @@ its next batch and exits the same way (as Ctrl-C ends any call). Decisions that 
 on every rank, which all exit with the same line and code.
 
 Collapse signal: every log step records ``proj_std``, the std over the batch of the l2-normalised online
-projections averaged over their d dimensions (``common.evaluate.projection_std``, from each script's loss); a whole
-log interval below ``COLLAPSE_FLOOR`` / sqrt(d) prints one warning line, once per run.
+projections averaged over their d dimensions (``common.evaluate.projection_std``, returned by each script's loss;
+each rank's batch, averaged over the ranks as every logged term); a whole log interval under ``COLLAPSE_FLOOR`` /
+sqrt(d) prints one warning line, once per run. It adds no sync, no collective and no random draw to a step.
 """
 import json
 import os
@@ -60,16 +61,18 @@ EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=a
 ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 # The collapse warning's threshold, over sqrt(d). Healthy: the l2-normalised projections spread over the unit
-# sphere, each of the d coordinates with variance about 1/d across the batch, so proj_std is about 1/sqrt(d)
-# (exactly that for a uniform spread). Collapsed: every image at (nearly) one point, so proj_std -> 0 (to 1/d when
-# all lie on one line). A tenth of the healthy value, for every step of a whole log interval, is a collapse.
+# sphere; the squares of a unit vector's d coordinates sum to 1, so each coordinate's variance across the batch is
+# about 1/d and proj_std about 1/sqrt(d) (exactly, for a uniform spread). Collapsed: every image at (nearly) one
+# point, proj_std -> 0. A tenth of the healthy value, at every step of a whole log interval, is a collapse (a
+# collapse to a few directions keeps the spread along them: proj_std sees the complete collapse).
 COLLAPSE_FLOOR = 0.1
 
 
 class Run:
     def __init__(self, cfg, method):
         """Check that this run may start (run folder free, resume checkpoint readable and fitting, not finished)
-        before anything is written; a run that fails before ``start`` leaves no new folder behind."""
+        before anything is written; a run that fails before ``resume_or_evaluate_init`` leaves no new folder
+        behind."""
         self.cfg, self.method, self._started = cfg, method, False
         self.device = dist.device(cfg)
         new_folder = not (Path(cfg.out_dir) / method / cfg.name).exists()
