@@ -266,5 +266,6 @@ def train(cfg):
             run.save_and_exit()
     run.finish({"mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers, "mhe_weight": cfg.mhe.weight})
 
+
 if __name__ == "__main__":
     dist.launch(train, parse(sys.argv[1:], DEFAULTS, method=METHOD))

@@ -140,5 +140,6 @@ def train(cfg):
             run.save_and_exit()
     run.finish({"lambda_uni": cfg.loss.lambda_uni})
 
+
 if __name__ == "__main__":
     dist.launch(train, parse(sys.argv[1:], DEFAULTS, method=METHOD))

@@ -58,8 +58,7 @@ import torch.nn.functional as F
 
 from common import dist, log
 from common.config import UserError, parse
-from common.evaluate import (apply_eval, center_vector_norm, extract_features, feature_std, knn_accuracies,
-                             projection_std)
+from common.evaluate import apply_eval, center_vector_norm, extract_features, knn_accuracies, projection_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -296,7 +295,7 @@ def toy_run(cfg, seed, logger, dev):
     def evaluate(epoch):
         f_bank, f_test = (extract_features(model.f, [(a, b)], dev) for a, b in ((bank_x, y), (xt, yt)))
         out = knn_accuracies(*f_bank, *f_test, ks=tuple(cfg.eval.knn_k), t=cfg.eval.knn_t)
-        out.update(center_norm=center_vector_norm(f_test[0]).item(), feature_std=feature_std(f_test[0]))
+        out.update(center_norm=center_vector_norm(f_test[0]).item(), feature_std=projection_std(f_test[0]).item())
         logger.log({"seed": seed, "step": step, "epoch": epoch, **out})
         return out
 
@@ -389,6 +388,7 @@ def train(cfg):
         if run.stop_requested():
             run.save_and_exit()
     run.finish({"variant": cfg.loss.variant})
+
 
 if __name__ == "__main__":
     config = parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD)

@@ -317,5 +317,6 @@ def train(cfg):
             run.save_and_exit()
     run.finish({"collapse_floor": cfg.diag.collapse_floor})
 
+
 if __name__ == "__main__":
     dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))

@@ -240,5 +240,6 @@ def train(cfg):
         if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
     run.finish({"K": K, **majority})
 
+
 if __name__ == "__main__":
     dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method=METHOD))

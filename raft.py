@@ -255,6 +255,7 @@ def train(cfg):
                 "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
                 "seed": cfg.seed, **tab1.last10()})
 
+
 # --------------------------------------------------------------------------- several seeds (App. B: 3 seeds)
 def seed_runs(cfg):
     """One config per seed of ``cfg.seeds`` (run folder <name>/seed<s>), or ``[cfg]`` when the list is empty."""

@@ -103,5 +103,6 @@ def train(cfg):
             run.save_and_exit()
     run.finish({"baseline": "supervised"})
 
+
 if __name__ == "__main__":
     dist.launch(train, parse(sys.argv[1:], DEFAULTS, CHOICES, method="baselines"))
