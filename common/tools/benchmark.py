@@ -345,7 +345,8 @@ def main(argv=None):
                   f"{t_full / (t_enc + t_target):.2f}x", flush=True)
         t_signal, d = bench_signal(name, args)
         print(f"(e) {name:<18} collapse signal, proj_std of [{args.batch}, {d}] and its running max "
-              f"{t_signal * 1e3:.4f} ms | full step {t_full * 1e3:.1f} ms | share {t_signal / t_full:.3%}", flush=True)
+              f"{t_signal * 1e3:.4f} ms | full step {t_full * 1e3:.1f} ms | share {100 * t_signal / t_full:.4f}%",
+              flush=True)
 
     t_dev, t_loader = bench_epoch(args)
     rates = (f" | {args.epoch_images / t_dev:,.0f} vs {args.epoch_images / t_loader:,.0f} img/s" if gpu else "")
