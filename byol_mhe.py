@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from common import dist
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
+from common.evaluate import projection_std
 from common.models import Online, maybe_compile
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -201,7 +202,8 @@ def check_mhe(cfg):
 
 
 def byol_mhe_loss(model, target, x1, x2, layers, mhe):
-    """(BYOL-MHE, Eq. 10) L = L_BYOL + λ_mhe Σ_layers E_s/(N(N-1)) on two views: the step's loss and its parts.
+    """(BYOL-MHE, Eq. 10) L = L_BYOL + λ_mhe Σ_layers E_s/(N(N-1)) on two views: the step's loss and its parts
+    (and the collapse signal ``proj_std`` of the online projections z of the first view).
 
     The energy depends on the weights only; with ``optim.accum_steps`` > 1 it is computed at each forward of
     the group (the weights do not change within it, so the group's gradient is λ_mhe times one energy's)."""
@@ -213,43 +215,55 @@ def byol_mhe_loss(model, target, x1, x2, layers, mhe):
     l_mhe = torch.zeros((), device=p1.device)
     if mhe.weight != 0:  # (Eq. 8 / 11, summed as in Eq. 10), float32
         l_mhe = mhe_loss(layers, mhe.power).to(p1.device)
-    return l_byol + mhe.weight * l_mhe, {"loss_byol": l_byol, "loss_mhe": l_mhe}
+    return l_byol + mhe.weight * l_mhe, {"loss_byol": l_byol, "loss_mhe": l_mhe, "proj_std": projection_std(z1)}
 
 
 # --------------------------------------------------------------------------- training
 def train(cfg):
     cfg = check_mhe(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two BYOL views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q; the EMA target (f, g); the MHE layers (Eq. 10); LARS, lr scaled by the global batch
-    online = run.to_device(Online(cfg.model))
+    online = dist.sync_bn(Online(cfg.model), cfg).to(run.device, memory_format=run.memory_format)
     target = deepcopy(nn.Sequential(online.f, online.g))
     ema = EMA(target, nn.Sequential(online.f, online.g))
     layers = mhe_layers(online, cfg.mhe.layers)
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: every layer's E_s (Eq. 8 / 11), the weights' own
         return energies(online, cfg.mhe.layers, cfg.mhe.power)
-    run.start(online.f, diagnostics, online=online, target=target, optimizer=opt, views=views)  # resume, or init
+    run.resume_or_evaluate_init(online.f, diagnostics, online=online, target=target, optimizer=opt, scaler=scaler,
+                                views=views)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):
-                loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
-                run.backward(loss)
-            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = byol_mhe_loss(model, target, x1, x2, layers, cfg.mhe)  # (Eq. 10)
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # the group's mean gradient
+            if step_due:  # lr: warm-up, then cosine; then the EMA target ξ <- τξ + (1-τ)θ
                 lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, online)
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
                 tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
-        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and each layer's E_s
-            run.evaluate(diagnostics)
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+                run.step_done(loss, logs, lr=lr, tau=tau)
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
+            run.evaluate()
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     run.finish({"mhe_power": cfg.mhe.power, "mhe_layers": cfg.mhe.layers, "mhe_weight": cfg.mhe.weight})
 
 

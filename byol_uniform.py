@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from common import dist
 from common.config import parse
 from common.ema import EMA, tau_at
-from common.evaluate import uniformity
+from common.evaluate import projection_std, uniformity
 from common.models import Online, maybe_compile
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -82,7 +82,8 @@ def uniformity_loss(z, t=2.0):
 
 
 def byol_uniform_loss(model, target, x1, x2, loss_cfg):
-    """(BYOL-MHE, Eq. 7) L = L_BYOL + λ_uni L_uniformity on two views: the step's loss and its parts."""
+    """(BYOL-MHE, Eq. 7) L = L_BYOL + λ_uni L_uniformity on two views: the step's loss and its parts (and the
+    collapse signal ``proj_std`` of the online projections z of the first view)."""
     (z1, z2), (p1, p2) = model([x1, x2])
     with torch.no_grad():
         t1, t2 = target(x1), target(x2)
@@ -92,40 +93,52 @@ def byol_uniform_loss(model, target, x1, x2, loss_cfg):
     if loss_cfg.lambda_uni != 0:  # (Eq. 3) over the global batch (all processes), each view
         l_uni = (uniformity_loss(dist.all_gather_grad(z1.float()), loss_cfg.t)
                  + uniformity_loss(dist.all_gather_grad(z2.float()), loss_cfg.t)) / 2
-    return l_byol + loss_cfg.lambda_uni * l_uni, {"loss_byol": l_byol, "loss_uni": l_uni}
+    logs = {"loss_byol": l_byol, "loss_uni": l_uni, "proj_std": projection_std(z1)}
+    return l_byol + loss_cfg.lambda_uni * l_uni, logs
 
 
 # --------------------------------------------------------------------------- training
 def train(cfg):
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two BYOL views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q; the EMA target (f, g); LARS with the lr scaled by the global batch
-    online = run.to_device(Online(cfg.model))
+    online = dist.sync_bn(Online(cfg.model), cfg).to(run.device, memory_format=run.memory_format)
     target = deepcopy(nn.Sequential(online.f, online.g))
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
+    run.resume_or_evaluate_init(online.f, online=online, target=target, optimizer=opt, scaler=scaler, views=views)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):
-                loss, logs = byol_uniform_loss(model, target, x1, x2, cfg.loss)  # (Eq. 7)
-                run.backward(loss)
-            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = byol_uniform_loss(model, target, x1, x2, cfg.loss)  # (Eq. 7)
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # the group's mean gradient
+            if step_due:  # lr: warm-up, then cosine; then the EMA target ξ <- τξ + (1-τ)θ
                 lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, online)
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
                 tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
-        if run.eval_due():  # every eval.every epochs and the last: kNN and diagnostics, logged
+                run.step_done(loss, logs, lr=lr, tau=tau)
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
             run.evaluate()
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
-    run.finish({"lambda_uni": cfg.loss.lambda_uni})  # final evaluation, linear probe, summary.json
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
+    run.finish({"lambda_uni": cfg.loss.lambda_uni})
 
 
 if __name__ == "__main__":

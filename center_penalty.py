@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from common import dist, log
 from common.config import UserError, parse
-from common.evaluate import apply_eval, center_vector_norm, extract_features, feature_std, knn_accuracies
+from common.evaluate import apply_eval, center_vector_norm, extract_features, knn_accuracies, projection_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -134,11 +134,12 @@ def objective(variant, z, p, s, lambda_l):
 
 def center_penalty_objective(model, views, loss_cfg):
     """One forward of K views (a list of batches) and the loss of ``loss.variant`` (Eq. 32, Eq. 2 or Eq. 15),
-    with its parts and ||s|| (Eq. 1, over all views of the global batch) for the logs; images and toys alike."""
+    with its parts, ||s|| (Eq. 1, over all views of the global batch) and the collapse signal ``proj_std`` (of
+    the first view's z) for the logs; images and toys alike."""
     z, p = model(views)
     s = center_vector(z)  # (CenterVector, Eq. 1)
     loss, parts = objective(loss_cfg.variant, z, p, s, loss_cfg.lambda_l)
-    return loss, {"s_norm": torch.linalg.vector_norm(s.detach()), **parts}
+    return loss, {"s_norm": torch.linalg.vector_norm(s.detach()), **parts, "proj_std": projection_std(z[:, 0])}
 
 
 class Model(nn.Module):
@@ -294,7 +295,7 @@ def toy_run(cfg, seed, logger, dev):
     def evaluate(epoch):
         f_bank, f_test = (extract_features(model.f, [(a, b)], dev) for a, b in ((bank_x, y), (xt, yt)))
         out = knn_accuracies(*f_bank, *f_test, ks=tuple(cfg.eval.knn_k), t=cfg.eval.knn_t)
-        out.update(center_norm=center_vector_norm(f_test[0]).item(), feature_std=feature_std(f_test[0]))
+        out.update(center_norm=center_vector_norm(f_test[0]).item(), feature_std=projection_std(f_test[0]).item())
         logger.log({"seed": seed, "step": step, "epoch": epoch, **out})
         return out
 
@@ -348,33 +349,44 @@ def train(cfg):
     if cfg.data.name == "toy2d":
         return train_toy(cfg)
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g (and h for SimSiam); no EMA target; SGD as SimSiam (the predictor's lr may be fixed)
-    online = run.to_device(build_model(cfg))
+    online = dist.sync_bn(build_model(cfg), cfg).to(run.device, memory_format=run.memory_format)
     peak_lr = scaled_lr(cfg.optim)
     opt = optimizer(cfg, online, peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: ||s|| of the test images' outputs z
         return {"s_norm_test": center_vector_norm(apply_eval(online.g, f_test)).item()}
-    run.start(online.f, diagnostics, online=online, optimizer=opt, views=views)  # resume, or kNN at init
+    run.resume_or_evaluate_init(online.f, diagnostics, online=online, optimizer=opt, scaler=scaler, views=views)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):
-                loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
-                run.backward(loss)
-            if last_micro:  # the optimizer step (lr: cosine; SimSiam's predictor may keep its lr); no target network
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = center_penalty_objective(model, [x1, x2], cfg.loss)  # Eq. 32 (or Eq. 2 / Eq. 15)
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # the group's mean gradient
+            if step_due:  # lr: cosine (SimSiam's predictor may keep its lr); no target network
                 lr = set_lrs(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr), peak_lr,
                              cfg.simsiam.fix_pred_lr)
-                run.optimizer_step(opt, online)
-                run.end_step(loss, logs, lr=lr)  # ||s|| every step; NaN guard; a stop asked: last.pt, exit
-        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and ||s|| of z
-            run.evaluate(diagnostics)
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                run.step_done(loss, logs, lr=lr)
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
+            run.evaluate()
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     run.finish({"variant": cfg.loss.variant})
 
 

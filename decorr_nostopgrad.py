@@ -70,7 +70,7 @@ import torch.nn as nn
 
 from common import checkpoint, dist
 from common.config import UserError, parse
-from common.evaluate import apply_eval, correlation_distance, feature_std
+from common.evaluate import apply_eval, correlation_distance, feature_std, projection_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -241,7 +241,7 @@ def representation_diagnostics(model, feats):
 def decorr_objective(model, x1, x2, loss_cfg):
     """One forward on two views: projector outputs standardised over the global batch (Eq. 18), then Eq. 19 in
     both directions, summed over the processes' partitions. The step's loss and its parts (and the raw
-    projector scale ``z_std``)."""
+    projector scale ``z_std``, the collapse signal ``proj_std`` of the first view's projector outputs)."""
     L, online = loss_cfg, dist.unwrap(model)
     z1, z2 = (z.float() for z in model([x1, x2]))  # fp32 losses (under autocast)
     f1, f2 = (standardize(z1, L.std_eps, L.std_var == "unbiased"),
@@ -249,15 +249,16 @@ def decorr_objective(model, x1, x2, loss_cfg):
     W_p, b = online.predictor()
     inv, cov = decorr_loss(f1, f2, W_p, b, L.partitions, L.c_inv, L.c_cov, L.stopgrad, L.inv_norm)  # (Eq. 19)
     total = dist.all_reduce_grad(torch.stack([inv + cov, inv, cov]))  # the sum of the processes' shares
-    return total[0], {"loss_inv": total[1], "loss_cov": total[2], "z_std": z1.detach().std(0).mean()}
+    return total[0], {"loss_inv": total[1], "loss_cov": total[2], "z_std": z1.detach().std(0).mean(),
+                      "proj_std": projection_std(z1)}
 
 
-def diagnostics(online, run, cfg, f_test):
+def decorr_diagnostics(online, run, cfg, f_test):
     """At each evaluation (Fig. 1's ||Σ - I||²: ``corr_dist_proj`` on the projector outputs, ``monitor``'s
     ``corr_dist`` on the backbone): the collapse verdict, and every
     ``diag.wp_every`` epochs Fig. 4's W_p summary with W_p saved to predictor/W_p_epoch_XXXX.pt (Fig. 3)."""
-    diag = representation_diagnostics(online, f_test)
-    diag["collapsed"] = min(diag["feature_std_rel"], diag["proj_std_rel"]) < cfg.diag.collapse_floor
+    out = representation_diagnostics(online, f_test)
+    out["collapsed"] = min(out["feature_std_rel"], out["proj_std_rel"]) < cfg.diag.collapse_floor
     epoch = run.epoch
     if online.W_p is not None and cfg.diag.wp_every and (epoch == cfg.optim.epochs or epoch % cfg.diag.wp_every == 0):
         def fig4():  # on rank 0 alone (W_p is the same on every rank): an 8192² W_p's eigenvalues take minutes
@@ -266,8 +267,8 @@ def diagnostics(online, run, cfg, f_test):
                              "b": None if online.W_p.bias is None else online.W_p.bias.detach().cpu().clone(),
                              "epoch": epoch, "step": run.step}, run.dir / "predictor" / f"W_p_epoch_{epoch:04d}.pt")
             return wp_metrics
-        diag.update(dist.agree(fig4))  # every rank gets rank 0's numbers
-    return diag
+        out.update(dist.agree(fig4))  # every rank gets rank 0's numbers
+    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -276,32 +277,44 @@ def train(cfg):
         raise UserError(f"loss.partitions={cfg.loss.partitions} must divide optim.batch_size={cfg.optim.batch_size} "
                         "(equal partitions, Decorr §4.4)")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: f, g, W_p, no target network; LARS with base 0.3 x batch/256 for the whole model (§5.1)
-    online = run.to_device(Decorr(cfg.model, cfg.loss.identity_predictor))
+    online = Decorr(cfg.model, cfg.loss.identity_predictor)
+    online = dist.sync_bn(online, cfg).to(run.device, memory_format=run.memory_format)
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (SyncBN stays eager)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)
     model = dist.ddp(online, run.device)
-    def diag(f_test):  # at each evaluation: the collapse indicators; every diag.wp_every epochs W_p (Fig. 3-4)
-        return diagnostics(online, run, cfg, f_test)
-    run.start(online.f, diag, online=online, optimizer=opt, views=views)  # resume, or kNN at init
+    def diagnostics(f_test):  # at each evaluation: the collapse indicators; every diag.wp_every epochs W_p (Fig. 3-4)
+        return decorr_diagnostics(online, run, cfg, f_test)
+    run.resume_or_evaluate_init(online.f, diagnostics, online=online, optimizer=opt, scaler=scaler, views=views)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):
-                loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
-                run.backward(loss)
-            if last_micro:  # the optimizer step (lr: warm-up, then cosine); no target network
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = decorr_objective(model, x1, x2, cfg.loss)  # (Eq. 18-19), no stop-gradient
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # the group's mean gradient
+            if step_due:  # lr: warm-up, then cosine; no target network
                 lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, online)
-                run.end_step(loss, logs, lr=lr)  # metrics, NaN guard; a stop asked: last.pt, exit
-        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and Decorr's own
-            run.evaluate(diag)
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                run.step_done(loss, logs, lr=lr)
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
+            run.evaluate()
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     run.finish({"collapse_floor": cfg.diag.collapse_floor})
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from common import dist
 from common.config import UserError, parse
 from common.ema import EMA, tau_at
-from common.evaluate import apply_eval, extract_features, knn_accuracies
+from common.evaluate import apply_eval, extract_features, knn_accuracies, projection_std
 from common.models import maybe_compile, mlp, resnet
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -127,8 +127,10 @@ class BrownianNoise:
         self.generator.set_state(sd["generator"])
 
 
-class Online(nn.Module):
-    """f_θ (ResNet without fc), g_θ (projector), h_θ (predictor); each of the K views is its own forward."""
+class MultiViewOnline(nn.Module):
+    """f_θ (ResNet without fc), g_θ (projector), h_θ (predictor) with the heads' norm ``model.head_norm``;
+    ``forward(views)`` -> (z, p), the projections g(f(v)) and predictions h(z), each [K, B, d]. Each of the K views
+    is its own forward (per-view BN statistics), f, g then h, view after view."""
 
     def __init__(self, m):
         super().__init__()
@@ -137,7 +139,11 @@ class Online(nn.Module):
         self.h = mlp(m.proj_dim, m.pred_hidden, m.proj_dim, norm=m.head_norm)
 
     def forward(self, views):
-        return torch.stack([self.h(self.g(self.f(v))) for v in views])  # p: [K, B, d]
+        zs, ps = [], []
+        for v in views:
+            zs.append(self.g(self.f(v)))
+            ps.append(self.h(zs[-1]))
+        return torch.stack(zs), torch.stack(ps)
 
 
 @torch.no_grad()
@@ -164,9 +170,11 @@ def singular_values(online, f_test, normalized=False):
 
 def msbreg_loss(model, target, xs, n, loss_cfg):
     """(MSBReg, Eq. 2) L = L_c + λ_s L_s + λ_b L_b on K views ``xs`` with the Brownian directions ``n``
-    (one per image): the step's loss and its parts."""
+    (one per image): the step's loss and its parts (and the collapse signal ``proj_std`` of the online
+    projections z of the first view)."""
     L = loss_cfg
-    p = model(xs).float()                                   # [K, B, d], fp32 losses (under autocast)
+    z, p = model(xs)
+    p = p.float()                                           # [K, B, d], fp32 losses (under autocast)
     with torch.no_grad():
         z_t = torch.stack([target(x) for x in xs]).float()  # [K, B, d]
     l_c = (centroid_loss(p, z_t) if L.centroid else byol_loss(p, z_t)).mean()  # (Eq. 3), or BYOL's Eq. 1
@@ -175,7 +183,8 @@ def msbreg_loss(model, target, xs, n, loss_cfg):
         p_all = dist.all_gather_grad(p.transpose(0, 1).contiguous()).transpose(0, 1)
         l_s = singular_value_loss(p_all, L.s_normalized)
     l_b = brownian_loss(p, n).mean()                        # (Eq. 4)
-    return l_c + L.lambda_s * l_s + L.lambda_b * l_b, {"loss_c": l_c, "loss_s": l_s, "loss_b": l_b}
+    logs = {"loss_c": l_c, "loss_s": l_s, "loss_b": l_b, "proj_std": projection_std(z[0])}
+    return l_c + L.lambda_s * l_s + L.lambda_b * l_b, logs
 
 
 # --------------------------------------------------------------------------- training
@@ -184,37 +193,49 @@ def train(cfg):
     if not cfg.loss.centroid and K != 2:
         raise UserError(f"loss.K={K} with loss.centroid=false: BYOL's Eq. 1 is for K = 2 views")
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(K)  # K views of each image, made on the training device
+    views = run.views(K)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
     noise = BrownianNoise(cfg.model.proj_dim, cfg.loss.noise_seed, run.device)  # the same stream on every rank
 
     # model: online f, g, h; the EMA target (f, g); LARS with lr = base x batch/256 x K (App. 7.1)
-    online = run.to_device(Online(cfg.model))
+    online = dist.sync_bn(MultiViewOnline(cfg.model), cfg).to(run.device, memory_format=run.memory_format)
     target = deepcopy(nn.Sequential(online.f, online.g))
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim, lr_factor=K)
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
     def diagnostics(f_test):  # at each evaluation: Eq. 5-7 on the predictions of the test images
         return singular_values(online, f_test, cfg.loss.s_normalized)
-    run.start(online.f, diagnostics, online=online, target=target, optimizer=opt, views=views, noise=noise)
+    run.resume_or_evaluate_init(online.f, diagnostics, online=online, target=target, optimizer=opt, scaler=scaler,
+                                views=views, noise=noise)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             xs = views(batch)
             n = noise(xs[0].shape[0])  # (Eq. 4) one fresh direction per image, shared by its K views
-            with run.autocast(model, sync=last_micro):
-                loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
-                run.backward(loss)
-            if last_micro:  # the optimizer step (lr: warm-up, then cosine), then the EMA target ξ <- τξ + (1-τ)θ
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = msbreg_loss(model, target, xs, n, cfg.loss)  # (Eq. 2)
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # the group's mean gradient
+            if step_due:  # lr: warm-up, then cosine; then the EMA target ξ <- τξ + (1-τ)θ
                 lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, online)
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
                 tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-                run.end_step(loss, logs, lr=lr, tau=tau)  # metrics, NaN guard; a stop asked: last.pt, exit
-        if run.eval_due():  # every eval.every epochs and the last: kNN, diagnostics and the singular values
-            run.evaluate(diagnostics)
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+                run.step_done(loss, logs, lr=lr, tau=tau)
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
+            run.evaluate()
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     majority = knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k) \
         if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
     run.finish({"K": K, **majority})

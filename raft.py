@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from common import dist, log
 from common.config import parse
 from common.ema import EMA, tau_at
-from common.evaluate import uniformity
+from common.evaluate import projection_std, uniformity
 from common.models import Online, maybe_compile, mlp
 from common.optim import build, lr_at, param_groups, scaled_lr, set_lr
 from common.run import Run
@@ -158,8 +158,8 @@ def predictor(m):
 
 def raft_loss(model, target, x1, x2, loss_cfg):
     """One forward (Alg. 1 lines 4-8) on two views: the loss of ``loss.objective`` (Eq. 4 / 10 / 11) and, for
-    the logs, the plain Eq. 2 and Eq. 6 terms and L_uniform(f) (Tab. 1; the tangential surrogate has another
-    value)."""
+    the logs, the plain Eq. 2 and Eq. 6 terms, L_uniform(f) (Tab. 1; the tangential surrogate has another
+    value) and the collapse signal ``proj_std`` of the online projections z of the first view."""
     (z1, z2), (p1, p2) = model([x1, x2])  # online p = q(g(f(x)))
     with torch.no_grad():
         t1, t2 = target(x1), target(x2)   # the mean teacher's z' = g_ξ(f_ξ(x))
@@ -168,7 +168,7 @@ def raft_loss(model, target, x1, x2, loss_cfg):
     with torch.no_grad():
         logs = {"loss_align": alignment_loss(p1, p2).mean(), "loss_cross": cross_model_loss(p1, p2, t1, t2).mean(),
                 "uniform_f": (uniformity(dist.all_gather_grad(z1.float()))
-                              + uniformity(dist.all_gather_grad(z2.float()))) / 2}
+                              + uniformity(dist.all_gather_grad(z2.float()))) / 2, "proj_std": projection_std(z1)}
     return loss, logs
 
 
@@ -206,38 +206,51 @@ class EpochMeans:
 def train(cfg):
     lc = cfg.loss
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
-    views = run.views(2)  # the two views of each image, made on the training device
+    views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
 
     # model: online f, g, q and the mean teacher (f, g): a copy, or an independent draw (model.same_init)
-    online = run.to_device(Online(cfg.model, predictor))  # f, g (App. B: 512-BN-ReLU-128), q_w
-    mt = deepcopy(online) if cfg.model.same_init else run.to_device(Online(cfg.model, predictor))
+    online = dist.sync_bn(Online(cfg.model, predictor), cfg).to(run.device, memory_format=run.memory_format)
+    mt = deepcopy(online) if cfg.model.same_init else \
+        dist.sync_bn(Online(cfg.model, predictor), cfg).to(run.device, memory_format=run.memory_format)
     target = nn.Sequential(mt.f, mt.g)
     ema = EMA(target, nn.Sequential(online.f, online.g))
     peak_lr = scaled_lr(cfg.optim)  # App. B: Adam 3e-4, no scaling
     opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
-    maybe_compile(online.f, cfg)  # compile: true -> torch.compile the encoder (after the target's deepcopy)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
     tab1 = EpochMeans(run.device)
-    run.start(online.f, online=online, target=target, optimizer=opt, views=views, tab1=tab1)  # resume, or init
+    run.resume_or_evaluate_init(online.f, online=online, target=target, optimizer=opt, scaler=scaler, views=views,
+                                tab1=tab1)
 
     for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # this epoch's batches; last_micro: a step is due
+        for batch, step_due in run.batches(loader):  # step_due: the last forward of an accumulation group
             x1, x2 = views(batch)
-            with run.autocast(model, sync=last_micro):
-                loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
-                run.backward(loss)  # Alg. 1 line 10
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
+                scaler.scale(loss / cfg.optim.accum_steps).backward()  # Alg. 1 line 10 (the group's mean)
             tab1.add(logs)
-            if last_micro:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
+            if step_due:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
                 lr = set_lr(opt, peak_lr if cfg.optim.schedule == "constant" else
                             lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, online)
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(online.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
                 tau = ema.update(tau_at(run.step, run.total_steps, cfg.ema.tau, cfg.ema.schedule))
-                run.end_step(loss, {k: logs[k] for k in ("loss_align", "loss_cross")}, lr=lr, tau=tau)
+                run.step_done(loss, {k: logs[k] for k in ("loss_align", "loss_cross", "proj_std")}, lr=lr, tau=tau)
+                if run.stop_requested():
+                    run.save_and_exit()
         run.log(tab1.epoch_end(run.epoch))  # Tab. 1's L_align(q∘f) and L_uniform(f), this epoch's means
-        if run.eval_due():  # every eval.every epochs and the last: kNN and diagnostics, logged
+        if run.eval_due():
             run.evaluate()
-        run.end_epoch()  # last.pt every checkpoint.every epochs; a stop asked: exit here
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     run.finish({"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
                 "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
                 "seed": cfg.seed, **tab1.last10()})

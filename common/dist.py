@@ -18,6 +18,7 @@ peer); the spawning launcher names the rank that failed. Decisions that stop a r
 line reaches a SLURM log when printed) and, for a CPU run, sets glibc's allocator to keep freed memory
 (``keep_freed_memory``).
 """
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -257,6 +258,27 @@ def convert_sync_bn(module, on_cuda):
     for name, child in module.named_children():
         out.add_module(name, convert_sync_bn(child, on_cuda))
     return out
+
+
+def sync_bn(module, cfg):
+    """``module`` with every BatchNorm synchronised over the processes (statistics over the global batch: torch's
+    SyncBatchNorm on CUDA, ``GlooSyncBatchNorm`` on the CPU) when several train and ``model.sync_bn``; else
+    ``module`` itself. A BatchNorm that is not synchronised needs 2 or more images per process: a smaller
+    ``optim.batch_size`` is one ``UserError``."""
+    synced = world_size() > 1 and cfg.model.sync_bn
+    local = cfg.optim.batch_size // world_size()
+    if local < 2 and not synced and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise UserError(f"optim.batch_size={cfg.optim.batch_size} gives each of the {world_size()} processes {local} "
+                        f"image per step, and BatchNorm needs 2 or more: set optim.batch_size={2 * world_size()} or "
+                        "more" + (" (or model.sync_bn=true)" if world_size() > 1 else ""))
+    return convert_sync_bn(module, not _on_cpu(cfg)) if synced else module
+
+
+def no_sync(model, unless=False):
+    """DDP's ``model.no_sync()`` (the backward keeps its gradients local: no all-reduce) unless ``unless`` (the
+    last forward of an accumulation group, whose backward all-reduces the group's summed gradients); a null
+    context on one process."""
+    return contextlib.nullcontext() if unless or world_size() == 1 else model.no_sync()
 
 
 def ddp(module, device):

@@ -1,4 +1,6 @@
-"""Evaluation of a frozen encoder: k-NN, linear probes and representation diagnostics.
+"""Evaluation of a frozen encoder, the functions: k-NN, linear probes and representation diagnostics. (The run's
+evaluation at the end of an epoch is ``common.run.Run.evaluate``, which calls ``monitor``; the command that evaluates a
+saved checkpoint is ``python -m common.tools.evaluate``.)
 
 * k-NN (``knn_accuracies``): cosine similarity of l2-normalised features; the k most similar bank (training)
   samples vote. Weighted (Wu et al. 2018, the BYOL-family papers' monitor): each votes ``exp(sim / T)``,
@@ -10,7 +12,8 @@
   augmentation on each training batch, the encoder frozen in eval mode); top-1/top-5 on the test set.
 * Diagnostics: Wang & Isola's alignment (alpha 2) and uniformity (t 2), the centre-vector norm, ``||Sigma -
   I||_F^2`` of the feature correlation, the effective rank of the covariance spectrum, the mean per-dimension
-  std (SimSiam's collapse indicator: ~1/sqrt(d) healthy, ~0 collapsed).
+  std of the l2-normalised rows (SimSiam's collapse indicator: ~1/sqrt(d) healthy, ~0 collapsed;
+  ``projection_std``, which every script's loss also returns at each step for the online projections).
 
 Several processes: ``monitor`` and ``final_linear_eval`` are collective (every rank calls them with the same
 weights and gets the same dict). Each rank encodes its contiguous shard of each set (``RankShard``: at most
@@ -373,9 +376,16 @@ def effective_rank(sv):
 
 
 @torch.no_grad()
+def projection_std(z):
+    """The collapse signal (SimSiam §4.1): the std over the batch (unbiased) of the l2-normalised rows of ``z``
+    [B, d], averaged over the d dimensions; a 0-dim tensor on ``z``'s device (no sync). About 1/sqrt(d) when the
+    rows spread over the sphere, 0 when they collapse to one point."""
+    return F.normalize(z.float(), dim=1).std(0).mean()
+
+
 def feature_std(z):
-    """Mean over dims of the per-dim (unbiased) std of the l2-normalised rows of ``z``."""
-    return F.normalize(z.float(), dim=1).std(0).mean().item()
+    """``projection_std`` of the features ``z``, as a number."""
+    return projection_std(z).item()
 
 
 # ----------------------------------------------------------------------------- what the scripts call
@@ -390,7 +400,7 @@ def monitor(encoder, loaders, device, eval_cfg, views=None, test_features=False,
     l2-normalised features); given ``views=(x1, x2)`` (two augmented views of this rank's batch), the alignment
     (alpha=2) of the encoder features of the two views, averaged over the views of all ranks.
     ``test_features=True``: returns ``(metrics, test features)``, for metrics of the script's own on the same
-    features (``Run``'s ``extra_metrics``).
+    features (the ``diagnostics`` a script gives ``Run.resume_or_evaluate_init``).
     """
     bank_f, bank_y = extract_features(encoder, loaders["train"], device, stop, gather=False)  # this rank's rows
     test_f, test_y = extract_features(encoder, loaders["test"], device, stop)

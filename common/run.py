@@ -1,26 +1,45 @@
 """The run's bookkeeping around a method script's training loop, written once.
 
-A script's ``train(cfg)`` shows the method (views, forward, loss, backward, optimizer step, EMA) and where
-each step and each epoch ends (byol_uniform.py is the shortest example); a ``Run`` does the rest::
+A script's ``train(cfg)`` shows the method and the step as PyTorch writes it (the forward and loss under
+autocast; backward, clip, optimizer step and ``zero_grad`` in the open; then the EMA) and where each step and
+each epoch ends (byol_uniform.py is the shortest example); a ``Run`` does the rest::
 
     run = Run(cfg, METHOD); views = run.views(2); loader = run.loader(views)  # folder, resume state, data
-    run.start(encoder, online=online, target=target, optimizer=opt, views=views)  # resume, or kNN at init
-    for epoch in run.epochs():
-        for batch, last_micro in run.batches(loader):  # the rest of this epoch; last_micro: a step is due
-            with run.autocast(model, sync=last_micro): loss, logs = ...; run.backward(loss)
-            if last_micro: set_lr(...); run.optimizer_step(opt, online); ema.update(...); run.end_step(loss, logs)
-        if run.eval_due(): run.evaluate()            # kNN and diagnostics, logged
-        run.end_epoch()                              # checkpoints; a stop asked ends the run here
-    run.finish({...})                                # final evaluation, linear probe, summary.json
+    online = dist.sync_bn(Online(cfg.model), cfg).to(run.device, memory_format=run.memory_format)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
+    run.resume_or_evaluate_init(online.f, online=online, target=target, optimizer=opt, scaler=scaler)
+    for epoch in run.epochs():                        # range(the resumed epoch, optim.epochs)
+        for batch, step_due in run.batches(loader):   # the rest of this epoch; step_due: the group's last forward
+            with dist.no_sync(model, unless=step_due):
+                with run.autocast():
+                    loss, logs = ...
+                scaler.scale(loss / cfg.optim.accum_steps).backward()
+            if step_due:
+                set_lr(...); clip; scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True); ema.update(...)
+                run.step_done(loss, logs, lr=lr)     # count, log, NaN guard, collapse signal
+                if run.stop_requested():
+                    run.save_and_exit()
+        if run.eval_due():
+            run.evaluate()                            # kNN and diagnostics, logged
+        run.epoch_done()                              # checkpoints
+        if run.stop_requested():
+            run.save_and_exit()
+    run.finish({...})                                 # final evaluation, linear probe, summary.json
 
-Guarantees: a run stopped at any step (a kill, a signal, ``checkpoint.stop_after_step``, an epoch's last
-step included) resumes with ``resume=auto`` to the tensors of the uninterrupted run; the evaluation and
-its alignment views draw nothing from the training's random streams. No checkpoint is written from a
-non-finite loss or non-finite weights; the finiteness flag lives on the device and is read only at log
-and checkpoint steps. SIGTERM, SIGUSR1 and SIGINT finish the current optimizer step on every rank (the
-ranks agree on the step), write ``last.pt`` and exit with ``EXIT_STOPPED``; under SLURM with
-``requeue: true`` a SIGUSR1 also requeues the job. Decisions that stop a run are taken the same way on
-every rank, which all exit with the same line and code.
+Guarantees: a run stopped at any step (a kill, a signal, ``checkpoint.stop_after_step``, an epoch's last step
+included) resumes with ``resume=auto`` to the tensors of the uninterrupted run; the evaluation and its alignment
+views draw nothing from the training's random streams. No checkpoint is written from a non-finite loss or
+non-finite weights; the finiteness flag lives on the device and is read only at log and checkpoint steps.
+SIGTERM, SIGUSR1 and SIGINT finish the current optimizer step on every rank (``stop_requested``: the ranks agree
+on the step), then ``save_and_exit`` writes ``last.pt`` and exits with ``EXIT_STOPPED``; under SLURM with
+``requeue: true`` a SIGUSR1 also requeues the job. A signal during an evaluation or the final probe stops it at
+its next batch and exits the same way (as Ctrl-C ends any call). Decisions that stop a run are taken the same way
+on every rank, which all exit with the same line and code.
+
+Collapse signal: every log step records ``proj_std``, the std over the batch of the l2-normalised online
+projections averaged over their d dimensions (``common.evaluate.projection_std``, returned by each script's loss;
+each rank's batch, averaged over the ranks as every logged term); a whole log interval under ``COLLAPSE_FLOOR`` /
+sqrt(d) prints one warning line, once per run. It adds no sync, no collective and no random draw to a step.
 """
 import json
 import os
@@ -28,7 +47,6 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -42,12 +60,19 @@ from common.evaluate import Interrupted, final_linear_eval, monitor
 EXIT_STOPPED = 3      # stopped by a signal after writing a checkpoint: resume=auto continues
 ALIGN_SEED = 12345    # the alignment diagnostic's views: fixed images, fixed augmentations
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# The collapse warning's threshold, over sqrt(d). Healthy: the l2-normalised projections spread over the unit
+# sphere; the squares of a unit vector's d coordinates sum to 1, so each coordinate's variance across the batch is
+# about 1/d and proj_std about 1/sqrt(d) (exactly, for a uniform spread). Collapsed: every image at (nearly) one
+# point, proj_std -> 0. A tenth of the healthy value, at every step of a whole log interval, is a collapse (a
+# collapse to a few directions keeps the spread along them: proj_std sees the complete collapse).
+COLLAPSE_FLOOR = 0.1
 
 
 class Run:
     def __init__(self, cfg, method):
         """Check that this run may start (run folder free, resume checkpoint readable and fitting, not finished)
-        before anything is written; a run that fails before ``start`` leaves no new folder behind."""
+        before anything is written; a run that fails before ``resume_or_evaluate_init`` leaves no new folder
+        behind."""
         self.cfg, self.method, self._started = cfg, method, False
         self.device = dist.device(cfg)
         new_folder = not (Path(cfg.out_dir) / method / cfg.name).exists()
@@ -69,12 +94,17 @@ class Run:
                                   "summary.json); nothing to do: set name=... for a new run")
         dist.seed_everything(cfg.seed)  # the same initial weights on every rank
         self.accum, self._signal, self.logger = cfg.optim.accum_steps, None, None
-        # what a checkpoint's "counters" hold: the position, the random-init kNN, throughput, time, changes
+        self._local_batch = cfg.optim.batch_size // dist.world_size()
+        self._amp_dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+        # what a checkpoint's "counters" hold: the position, the random-init kNN, throughput, time, changes, the
+        # step of the collapse warning (None: not given)
         self.counters = dict(step=0, epoch=0, batch_in_epoch=0, knn_init=None, images=0, train_s=0.0, wall_s=0.0,
-                             config_changes=[])
+                             config_changes=[], collapse_warned=None)
         self._last_saved = (self._ckpt, self.state["counters"]["step"]) if self.state else None  # path, step
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss so far finite (on device)
         self._t_start, self._last_eval = time.time(), None  # (epoch, metrics) of the last evaluation
+        self._in_epoch, self.diagnostics = False, None
+        self._proj_max, self._proj_full = None, True  # this log interval's largest proj_std; since its first step
         self._install_signal_handlers()
 
     # ------------------------------------------------------------------ set-up
@@ -97,43 +127,32 @@ class Run:
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.optim.warmup_epochs * self.steps_per_epoch
         self.eval_sets = loaders.eval_loaders(cfg)  # (checks eval.knn_k against the memory bank's size)
-        self._local_batch = cfg.optim.batch_size // dist.world_size()
         return self._loader
 
-    def to_device(self, module):
-        """SyncBatchNorm when several processes train (``model.sync_bn``), then the device and memory format."""
-        local = getattr(self, "_local_batch", 2)  # (SyncBN: the statistics are over the global batch)
-        synced = dist.world_size() > 1 and self.cfg.model.sync_bn
-        if local < 2 and not synced and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                            for m in module.modules()):
-            raise UserError(f"optim.batch_size={self.cfg.optim.batch_size} gives each of the {dist.world_size()} "
-                            f"processes {local} image per step, and BatchNorm needs 2 or more: set optim.batch_size="
-                            f"{2 * dist.world_size()} or more" + (" (or model.sync_bn=true)" if dist.world_size() > 1
-                                                                   else ""))
-        if dist.world_size() > 1 and self.cfg.model.sync_bn:
-            module = dist.convert_sync_bn(module, self.device.type == "cuda")
-        fmt = torch.channels_last if self.cfg.channels_last else torch.preserve_format
-        return module.to(self.device, memory_format=fmt)
+    @property
+    def memory_format(self):
+        """The models' memory format: ``torch.channels_last`` with ``channels_last: true``."""
+        return torch.channels_last if self.cfg.channels_last else torch.preserve_format
 
-    def start(self, encoder, diagnostics=None, **objects):
-        """Remember the evaluated ``encoder`` and what a checkpoint holds (``objects``: anything with
-        ``state_dict``), then restore them from the resume checkpoint, or log the kNN of the random-init encoder
-        (the baseline SSL must beat) with the script's ``diagnostics(f_test)`` (called now, not kept)."""
-        self.encoder, self.objects, self._started = encoder, objects, True
+    def resume_or_evaluate_init(self, encoder, diagnostics=None, **objects):
+        """Remember the evaluated ``encoder``, the script's ``diagnostics(f_test)`` (a dict of its own metrics on
+        the test images' encoder features, at every evaluation) and what a checkpoint holds (``objects``: anything
+        with ``state_dict``: models, optimizer, GradScaler, ...). Then, resuming: load the checkpoint into the
+        objects (their weights are replaced) and the RNGs, and do an evaluation a stop interrupted; a fresh run:
+        log the kNN of the random-init encoder (the baseline SSL must beat) with ``diagnostics``."""
+        self.encoder, self.diagnostics, self.objects, self._started = encoder, diagnostics, objects, True
         step = self.state["counters"]["step"] if self.state else None
         self.logger = log.Logger(self.dir, dist.is_main(), resume_step=step)  # (a fresh run: old records aside)
         if self.state:
             self.logger.print(f"resuming {self._ckpt} at step {step}")
         self.logger.config(self.cfg, keep_old=f"config_until_step{step}.yaml" if self._changes else None)
-        precision = self.cfg.precision
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         if self.state:
-            self.counters.update(checkpoint.restore(self.state, self.cfg, scaler=self.scaler, **objects))
+            self.counters.update(checkpoint.restore(self.state, self.cfg, **objects))
             last_eval = self.counters.pop("last_eval", None)  # (a stop during the final probe: not evaluated again)
             self._last_eval = tuple(last_eval) if last_eval else None
+            self._proj_full = self.step % self.cfg.log.every == 0  # (mid-interval: its first steps ran before)
             if self.counters.pop("eval_pending", False):  # a stop during the epoch's evaluation: do it now
-                self.evaluate(diagnostics)
+                self.evaluate()
             if self._changes:  # resume_allow_changes: recorded in metrics.jsonl and summary.json
                 self.counters["config_changes"] = self.counters["config_changes"] + [{"step": self.step,
                                                                                      **self._changes}]
@@ -157,19 +176,18 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def epochs(self):
-        """The index of each epoch still to run, from the resumed one to ``optim.epochs - 1``."""
-        while self.epoch < self.cfg.optim.epochs:
-            yield self.epoch
+        """The index of each epoch still to run: ``range(the resumed epoch, optim.epochs)``."""
+        return range(self.epoch, self.cfg.optim.epochs)
 
     def batches(self, loader):
-        """Yield ``(batch, last_micro)`` for the rest of this epoch: from the resumed position (the batches a
-        checkpoint has consumed are skipped; an incomplete last accumulation group is dropped); ``last_micro``
-        is true on the forward that completes an accumulation group (an optimizer step is due). When all are
-        consumed the epoch is done (``run.epoch`` + 1)."""
+        """Yield ``(batch, step_due)`` for the rest of this epoch: from the resumed position (the batches a
+        checkpoint has consumed are skipped; an incomplete last accumulation group is dropped); ``step_due`` is
+        true on the forward that completes an accumulation group (an optimizer step is due). When all are
+        consumed the epoch counts as done (``run.epoch`` + 1, which ``eval_due`` and ``epoch_done`` read)."""
         c, per_epoch = self.counters, self.steps_per_epoch * self.accum
         self._sampler.set_epoch(c["epoch"])
         self._sampler.skip_batches = c["batch_in_epoch"]
-        self._t_epoch = time.time()
+        self._t_epoch, self._in_epoch = time.time(), True
         if c["batch_in_epoch"] < per_epoch:  # (a run stopped at an epoch's last step resumes at its end)
             for batch, _ in self.logger.progress(loader, len(loader), f"epoch {c['epoch']}"):
                 if c["batch_in_epoch"] == per_epoch:
@@ -178,56 +196,66 @@ class Run:
                 c["images"] += self._local_batch * dist.world_size()
                 yield batch, c["batch_in_epoch"] % self.accum == 0
         c["train_s"] += time.time() - self._t_epoch
-        c["epoch"], c["batch_in_epoch"] = c["epoch"] + 1, 0
+        c["epoch"], c["batch_in_epoch"], self._in_epoch = c["epoch"] + 1, 0, False
 
-    def autocast(self, model, sync):
-        """Context of one forward/backward: autocast (``precision``); ``model.no_sync()`` unless ``sync`` (the
-        forwards inside an accumulation group: DDP then all-reduces the gradients once, on the group's last)."""
-        stack = ExitStack()
-        if not sync and dist.world_size() > 1:
-            stack.enter_context(model.no_sync())
-        stack.enter_context(torch.autocast(self.device.type, self._amp_dtype, enabled=self.cfg.precision != "fp32"))
-        return stack
+    def autocast(self):
+        """``torch.autocast`` at the run's ``precision`` (bf16, fp16; fp32: disabled), for the forward and loss."""
+        return torch.autocast(self.device.type, self._amp_dtype, enabled=self.cfg.precision != "fp32")
 
-    def backward(self, loss):
-        """Gradients of ``loss / accum_steps``, summed over the group (scaled by the GradScaler under fp16)."""
-        self.scaler.scale(loss / self.accum).backward()
-
-    def optimizer_step(self, optimizer, model):
-        """Clip (``optim.clip_grad``), step (through the GradScaler: skipped on inf gradients under fp16), zero
-        the gradients."""
-        if self.cfg.optim.clip_grad > 0:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    def end_step(self, loss, logs=None, **scalars):
-        """The end of an optimizer step: count it; every ``log.every`` steps log the mean over ranks of ``loss``
-        and ``logs`` (tensors) with ``scalars`` (lr, tau) and check that they are finite (the NaN guard); write
-        ``last.pt`` every ``checkpoint.every_steps``. Then, if a stop was asked (a signal on any rank, or
-        ``checkpoint.stop_after_step``): ``last.pt``, and the run ends here (``dist.Stopped``)."""
+    def step_done(self, loss, logs=None, **scalars):
+        """Bookkeeping after an optimizer step: count it; every ``log.every`` steps log the mean over ranks of
+        ``loss`` and ``logs`` (tensors; ``proj_std``: the collapse signal) with ``scalars`` (lr, tau), print the
+        progress line, check that they are finite (the NaN guard: a ``UserError``) and whether the online
+        projections collapsed (one warning line); write ``last.pt`` every ``checkpoint.every_steps``."""
         c, cfg, logs = self.counters, self.cfg, {**(logs or {}), **scalars}
         c["step"] += 1
         self._finite &= torch.isfinite(loss.detach()).all()
+        if torch.is_tensor(logs.get("proj_std")):  # this interval's largest, on the device (no sync)
+            p = logs["proj_std"].detach().float()
+            self._proj_max = p if self._proj_max is None else torch.maximum(self._proj_max, p)
         if c["step"] % cfg.log.every == 0 or c["step"] == self.total_steps:
             names = [k for k, v in logs.items() if torch.is_tensor(v)]
-            vals = torch.stack([loss.detach().float(), *(logs[k].detach().float() for k in names),
+            extra = [self._proj_max] if self._proj_max is not None else []
+            vals = torch.stack([loss.detach().float(), *(logs[k].detach().float() for k in names), *extra,
                                 self._finite.float()])
             vals = dist.all_reduce_mean(vals).tolist()
             if vals[-1] < 1 or any(v != v or abs(v) == float("inf") for v in vals[:-1]):
                 self._diverged(vals[0])
-            self.log({"loss": vals[0], **dict(zip(names, vals[1:])),
-                      **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
+            rec = dict(zip(names, vals[1:]))
+            self.log({"loss": vals[0], **rec, **{k: v for k, v in logs.items() if not torch.is_tensor(v)}})
             self.logger.progress_line(c["step"], self.total_steps, c["epoch"], vals[0], c["images"],
-                                      c["train_s"] + time.time() - self._t_epoch)
+                                      c["train_s"] + time.time() - self._t_epoch, rec.get("proj_std"))
+            if extra:
+                self._collapse_check(vals[-2])
+            self._proj_max, self._proj_full = None, True
         if cfg.checkpoint.every_steps and c["step"] % cfg.checkpoint.every_steps == 0:
             self.save("last.pt")
-        if self._stop_asked():
-            c["train_s"] += time.time() - self._t_epoch
+
+    def _collapse_check(self, proj_max):
+        """One warning line, once per run, when this whole log interval's largest ``proj_std`` (mean over the
+        ranks of each one's largest) stayed under ``COLLAPSE_FLOOR`` / sqrt(d) (an interval cut by a resume is not
+        judged: its first steps ran in another process)."""
+        d = self.cfg.model.proj_dim
+        floor, every, step = COLLAPSE_FLOOR / d ** 0.5, self.cfg.log.every, self.step
+        if proj_max < floor and self._proj_full and self.counters["collapse_warned"] is None:
+            self.counters["collapse_warned"] = step
+            first = step - (step - 1) % every  # (the interval since the last log step)
+            self.logger.print(f"warning: the online projections collapsed: proj_std {proj_max:.3g} < "
+                              f"{COLLAPSE_FLOOR}/sqrt({d}) = {floor:.3g} over steps {first}-{step} (its largest there; "
+                              f"healthy: about 1/sqrt({d}) = {d ** -0.5:.3g}); the run goes on")
+
+    def stop_requested(self):
+        """Did any rank get a signal (SIGTERM, SIGUSR1, SIGINT), or is this ``checkpoint.stop_after_step``? The
+        same answer on every rank (a collective: every rank asks at the same points)."""
+        return self._signalled() or self.step == self.cfg.checkpoint.stop_after_step
+
+    def save_and_exit(self):
+        """Write ``last.pt`` and end the process (``dist.Stopped``: exit status ``EXIT_STOPPED`` for a signal, 0
+        for ``checkpoint.stop_after_step``; under SLURM with ``requeue``, a signal requeues the job)."""
+        if self._in_epoch:  # (mid-epoch: the epoch's training time so far)
+            self.counters["train_s"] += time.time() - self._t_epoch
             self._t_epoch = time.time()
-            self._stop()
+        self._stop()
 
     # ------------------------------------------------------------------ end of epoch, end of run
     def eval_due(self):
@@ -235,16 +263,17 @@ class Run:
         every = self.cfg.eval.every
         return self.epoch == self.cfg.optim.epochs or bool(every and self.epoch % every == 0)
 
-    def evaluate(self, diagnostics=None):
-        """Evaluate the frozen encoder (every rank calls it): kNN, uniformity, centre norm, feature std, the
-        alignment of two fixed views of fixed images, and the script's ``diagnostics(f_test)`` on the test
-        images' encoder features; logged, printed, and returned."""
+    def evaluate(self):
+        """The run's evaluation of its frozen encoder (every rank calls it): ``common.evaluate.monitor``'s kNN,
+        uniformity, centre norm, feature std and the alignment of two fixed views of fixed images, with the
+        script's ``diagnostics(f_test)`` on the test images' encoder features; logged, printed, and returned. (A
+        signal during it stops it at its next batch: ``last.pt``, exit; ``resume=auto`` evaluates first.)"""
         try:
             out, f_test = monitor(self.encoder, self.eval_sets, self.device, self.cfg.eval,
                                   views=self._alignment_views(), test_features=True, stop=self._signalled)
         except Interrupted:  # a signal: the epoch's state, then exit; resume=auto evaluates first
             self._stop(eval_pending=True)
-        metrics = {**out, **(diagnostics(f_test) if diagnostics else {})}
+        metrics = {**out, **(self.diagnostics(f_test) if self.diagnostics else {})}
         self._last_eval = (self.epoch, metrics)
         self.log(metrics)
         self.logger.print(f"epoch {self.epoch} step {self.step} " + " ".join(
@@ -270,19 +299,18 @@ class Run:
         raise UserError(f"cannot write {path} ({e.strerror or e}): {kept}; make {self.dir} writable (its .lock "
                         "is taken over by the next run), then resume=auto") from None
 
-    def end_epoch(self):
-        """The end of an epoch: ``last.pt`` every ``checkpoint.every`` epochs and after the last (with
-        ``epoch_XXXX.pt`` every ``checkpoint.keep_every``); then, if a stop was asked, the run ends here."""
+    def epoch_done(self):
+        """Checkpoints at the end of an epoch: ``last.pt`` every ``checkpoint.every`` epochs and after the last
+        (with ``epoch_XXXX.pt`` every ``checkpoint.keep_every``)."""
         c, cfg = self.counters, self.cfg
         if c["epoch"] == cfg.optim.epochs or c["epoch"] % cfg.checkpoint.every == 0:
             self.save("last.pt")
             if cfg.checkpoint.keep_every and c["epoch"] % cfg.checkpoint.keep_every == 0:
                 self.save(f"epoch_{c['epoch']:04d}.pt")
-        if self._stop_asked():
-            self._stop()
 
     def finish(self, fields=None):
-        """Final evaluation (the last epoch's, if it ran in this process), the linear probe, ``summary.json``."""
+        """Final evaluation (the last epoch's, if it ran in this process), the linear probe, ``summary.json``
+        (with ``fields``). (A signal during them: ``last.pt``, exit; ``resume=auto`` does them again.)"""
         c, cfg = self.counters, self.cfg
         final = self._last_eval[1] if self._last_eval and self._last_eval[0] == c["epoch"] else self.evaluate()
         try:
@@ -319,7 +347,7 @@ class Run:
         """What a checkpoint holds: the objects, the counters with the number of processes and the last evaluation
         (a run stopped during its final probe does not evaluate again), ``extra``."""
         counters = {**self.counters, "world_size": dist.world_size(), "last_eval": self._last_eval, **extra}
-        return checkpoint.snapshot(self.cfg, counters, self.method, scaler=self.scaler, **self.objects)
+        return checkpoint.snapshot(self.cfg, counters, self.method, **self.objects)
 
     def _params(self):
         return [p for o in self.objects.values() if isinstance(o, torch.nn.Module) for p in o.parameters()] or \
@@ -346,10 +374,6 @@ class Run:
     def _signalled(self):
         """Did any rank get a signal? The same answer on every rank."""
         return dist.any_rank(self._signal is not None)
-
-    def _stop_asked(self):
-        """Did any rank get a signal, or is this ``checkpoint.stop_after_step``? The same answer on every rank."""
-        return self._signalled() or self.step == self.cfg.checkpoint.stop_after_step
 
     def _stop(self, eval_pending=False):
         """Write ``last.pt`` and end the run (``dist.Stopped``; under SLURM with ``requeue``, requeue the job);

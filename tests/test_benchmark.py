@@ -30,8 +30,14 @@ def test_benchmark_prints_each_ratio_of_its_two_timings(capsys):
     target = [line.split() for line in lines if line.startswith("    ")]  # EMA target lines under (b)
     assert {t[0] for t in target} == {"byol_uniform", "byol_mhe", "msbreg", "raft"} and len(target) == 4, lines
     assert all(t[-2] == "ratio" and float(t[-1].rstrip("x")) > 0 for t in target), lines
+    signal = [line for line in lines if line.startswith("(e) ")]  # the collapse signal's share of each full step
+    assert [line.split()[1] for line in signal] == list(benchmark.SCRIPTS), lines
+    for line in signal:
+        t, step = (float(x) for x in re.findall(r"([0-9.]+) ms\b", line))
+        share = float(re.search(r"\| share ([0-9.]+)%$", line)[1])
+        assert t > 0 and share == pytest.approx(100 * t / step, rel=0.1, abs=0.002), line
     for line in lines:  # each ratio is its line's quotient: (a) rates fast / slow, (b) full / bare, (c) slow / fast
-        if line.startswith("("):
+        if line.startswith("(") and not line.startswith("(e) "):
             numbers = [float(x.replace(",", "")) for x in re.findall(r"([0-9][0-9,]*\.?[0-9]*) (?:ms|s|img/s)\b", line)]
             assert len(numbers) == 2 and all(x > 0 for x in numbers), line
             a, b = numbers if line.startswith(("(a)", "(b)")) else numbers[::-1]

@@ -30,6 +30,8 @@ def _online(script, cfg):
         return mod.build_model(cfg)
     if script == "decorr_nostopgrad":
         return mod.Decorr(cfg.model, cfg.loss.identity_predictor)
+    if script == "msbreg":
+        return mod.MultiViewOnline(cfg.model)
     return mod.Online(cfg.model, mod.predictor) if script == "raft" else mod.Online(cfg.model)
 
 

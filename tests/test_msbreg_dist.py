@@ -13,7 +13,8 @@ LOSS = Cfg(K=K, lambda_s=0.05, lambda_b=0.5, s_normalized=False, centroid=True)
 
 
 class Views(torch.nn.Module):
-    """A small online network with BatchNorm, called as msbreg's Online: K views in, p [K, B, D] out."""
+    """A small online network with BatchNorm, called as msbreg's MultiViewOnline: K views in, (z, p) out, each
+    [K, B, D] (here p = z: no predictor)."""
 
     def __init__(self):
         super().__init__()
@@ -22,7 +23,8 @@ class Views(torch.nn.Module):
                                        torch.nn.Linear(8, D))
 
     def forward(self, views):
-        return torch.stack([self.net(x) for x in views])
+        z = torch.stack([self.net(x) for x in views])
+        return z, z
 
 
 def _target():
@@ -51,7 +53,7 @@ def test_two_process_ddp_singular_value_loss_is_over_the_global_batch():
     for g in got:
         torch.testing.assert_close(g["l_s"], logs["loss_s"].detach(), rtol=1e-5, atol=1e-6)
     # local-batch L_s would differ (the covariance of 8 rows is not the covariance of 16)
-    assert abs(ms.singular_value_loss(ref(list(xs[:, 0::2]))).item() - logs["loss_s"].item()) > 1e-3
+    assert abs(ms.singular_value_loss(ref(list(xs[:, 0::2]))[1]).item() - logs["loss_s"].item()) > 1e-3
     # each image's noise is the one-process noise
     torch.testing.assert_close(got[0]["noise"], n[0::2])
     torch.testing.assert_close(got[1]["noise"], n[1::2])

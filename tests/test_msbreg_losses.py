@@ -161,13 +161,13 @@ def _tiny_model():
 def test_gradient_flow_target_gets_none(head_norm):
     m = _tiny_model()
     m.head_norm = head_norm
-    online = ms.Online(m)
+    online = ms.MultiViewOnline(m)
     assert any(isinstance(x, torch.nn.LayerNorm if head_norm == "ln" else torch.nn.BatchNorm1d)
                for x in online.g.modules())
     target = copy.deepcopy(torch.nn.Sequential(online.f, online.g))
     xs = [torch.randn(6, 3, 16, 16) for _ in range(4)]
-    p = online(xs)
-    assert p.shape == (4, 6, 8)
+    z, p = online(xs)
+    assert p.shape == z.shape == (4, 6, 8)
     z_t = torch.stack([target(x) for x in xs])  # built with grad enabled on purpose: the losses must detach
     loss = (ms.centroid_loss(p, z_t).mean() + 0.004 * ms.singular_value_loss(p)
             + 0.5 * ms.brownian_loss(p, torch.randn(6, 8)).mean())
@@ -177,7 +177,7 @@ def test_gradient_flow_target_gets_none(head_norm):
     # each regulariser alone reaches the predictor and the encoder (they act on p, Eq. 4-6)
     for term in (lambda p: ms.singular_value_loss(p), lambda p: ms.brownian_loss(p, torch.randn(6, 8)).mean()):
         online.zero_grad(set_to_none=True)
-        term(online(xs)).backward()
+        term(online(xs)[1]).backward()
         assert all(q.grad is not None for q in online.h.parameters())
         assert online.f.conv1.weight.grad.abs().sum() > 0
 
@@ -247,7 +247,7 @@ def test_singular_values_diagnostic_is_eq6_on_the_test_predictions(normalized):
     """The evaluation diagnostic Σ(σ - 1)² over the test set's predictions (eval mode) equals Eq. 6's loss on
     those predictions (Eq. 7 = Eq. 6), with σ the eigenvalues of the float64 covariance (Eq. 5); the training
     mode is left as it was."""
-    online = ms.Online(_tiny_model())
+    online = ms.MultiViewOnline(_tiny_model())
     for _ in range(2):  # BatchNorm running statistics away from their init
         online(torch.randn(2, 6, 3, 16, 16).unbind(0))
     x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))

@@ -138,8 +138,9 @@ def test_tab8_and_tab13_sweeps_resolve():
 
 def test_each_evaluation_encodes_the_test_images_once(tmp_path, monkeypatch):
     """The script's own diagnostics (here the singular values of Eq. 5-7) reuse the test features the kNN
-    evaluation extracted (``Run``'s ``extra_metrics(f_test)``): a run with two evaluations (random init, end)
-    encodes the training and the test images twice each, not the test images a third and a fourth time."""
+    evaluation extracted (the ``diagnostics(f_test)`` given to ``Run.resume_or_evaluate_init``): a run with two
+    evaluations (random init, end) encodes the training and the test images twice each, not the test images a third
+    and a fourth time."""
     import common.evaluate as ev
     real, calls = ev.extract_features, []
 

@@ -378,8 +378,9 @@ def _save_on_a_full_disk(rank, world, folder):
     cd.barrier = lambda: None
     run = Run.__new__(Run)
     run.cfg, run.method, run.dir, run._last_saved, run._last_eval = Cfg.wrap(BASE), "m", Path(folder), None, None
-    run._finite, run.objects, run._t_start = torch.ones((), dtype=torch.bool), {"model": torch.nn.Linear(2, 2)}, time.time()
-    run.counters, run.scaler = {"step": 1, "wall_s": 0.0}, torch.amp.GradScaler("cpu", enabled=False)
+    run._finite, run._t_start = torch.ones((), dtype=torch.bool), time.time()
+    run.objects = {"model": torch.nn.Linear(2, 2), "scaler": torch.amp.GradScaler("cpu", enabled=False)}
+    run.counters = {"step": 1, "wall_s": 0.0}
     try:
         run.save("last.pt")
     except UserError as e:

@@ -119,7 +119,8 @@ def test_a_log_file_gets_plain_progress_lines_and_no_bars(tmp_path):
     no carriage returns; log.progress=false: none."""
     p = S.run(tmp_path, "log.progress=true", name="p")
     plain = [x for x in p.stdout.splitlines() if x.startswith("step ")]
-    assert plain and re.fullmatch(r"step 1/4 epoch 0 loss \S+ \S+ img/s ETA \d\d:\d\d:\d\d", plain[0]), p.stdout
+    m = plain and re.fullmatch(r"step 1/4 epoch 0 loss \S+ proj_std (\S+) \S+ img/s ETA \d\d:\d\d:\d\d", plain[0])
+    assert m and 0 < float(m[1]) < 1, p.stdout  # the collapse signal (about 1/sqrt(16) = 0.25 here)
     assert "\r" not in p.stdout + p.stderr
     q = S.run(tmp_path, "log.progress=false", name="q")
     assert not [x for x in q.stdout.splitlines() if x.startswith("step ")]

@@ -10,7 +10,7 @@ Measured here (on the CPU; the same tensors on a GPU) or computed from stated fo
     state, and the activation memory per image of one training step. Measured: the script's own ``train(cfg)``
     runs one step on ``synthetic`` images at the config's size, arch, heads and views (fp32, one process,
     Decorr with one partition: its per-GPU count at 8 GPUs), with ``torch.autograd.graph.saved_tensors_hooks``
-    around its forward and backward (``Run.autocast``) counting the bytes of every storage saved for backward
+    around its forward and loss (``Run.autocast``) counting the bytes of every storage saved for backward
     (each storage once, parameters and buffers excluded), at a batch of 2 and of 4: per image = the difference / 2,
     fixed = what remains at 0 images. Computed: the largest batch per GPU in bf16 that fits C = 40 and 80 GiB,
     ``floor((0.9 C - 2 GiB - static - fixed/2) / (per_image/2))`` with ``static`` = 4 B x online parameters x 3
@@ -32,6 +32,7 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
@@ -89,14 +90,15 @@ def step_memory(method, path, cfg, batch):
     from common.run import Run
     from common.tools.benchmark import run_script
     saved, objects = [], {}
-    start, autocast = Run.start, Run.autocast
+    start, autocast = Run.resume_or_evaluate_init, Run.autocast
 
     def record_start(run, encoder, diagnostics=None, **objs):
         objects.update(objs)
         return start(run, encoder, diagnostics, **objs)
 
-    def counting_autocast(run, model, sync):
-        stack = autocast(run, model, sync)
+    def counting_autocast(run):
+        stack = ExitStack()
+        stack.enter_context(autocast(run))
         own = {t.untyped_storage().data_ptr() for o in objects.values() if isinstance(o, nn.Module)
                for t in (*o.parameters(), *o.buffers())}
         seen = {}
@@ -117,7 +119,8 @@ def step_memory(method, path, cfg, batch):
                  "optim.accum_steps=1", "optim.epochs=1", "checkpoint.stop_after_step=1", "precision=fp32",
                  "channels_last=false", "compile=false", "eval.knn_k=[1]", "dist.nproc=1",
                  *(["loss.partitions=1"] if method == "decorr_nostopgrad" else [])]
-    with mock.patch.object(Run, "start", record_start), mock.patch.object(Run, "autocast", counting_autocast), \
+    with mock.patch.object(Run, "resume_or_evaluate_init", record_start), \
+            mock.patch.object(Run, "autocast", counting_autocast), \
             mock.patch.object(checkpoint, "save", lambda *a, **k: None), \
             mock.patch.object(evaluate, "covariance_spectrum", lambda z: torch.ones(2, dtype=torch.float64)):
         run_script(method, overrides, config=path)  # (no checkpoint written, no SVD of the monitor's features)

@@ -65,30 +65,42 @@ def train(cfg):
     run = Run(cfg, cfg.baseline)  # run folder out_dir/<baseline>/<name> (locked), logger, resume, seeds, signals
     views = run.views(2)  # the SSL scripts' two views
     loader = WithLabels(run.loader(views))  # (also the eval sets: the kNN bank, the test set)
-    model = run.to_device(Supervised(cfg.model, data.num_classes(cfg.data)))
+    model = Supervised(cfg.model, data.num_classes(cfg.data))
+    model = dist.sync_bn(model, cfg).to(run.device, memory_format=run.memory_format)
     if cfg.baseline == "random":  # the initial encoder, evaluated as a run's end: no step, no checkpoint
-        run.start(model.f, online=model)
+        run.resume_or_evaluate_init(model.f, online=model)
         return run.finish({"baseline": "random"})
 
     peak_lr = scaled_lr(cfg.optim)
     opt = build(cfg.optim, param_groups([model], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm), peak_lr)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     maybe_compile(model.f, cfg)
     ddp = dist.ddp(model, run.device)
-    run.start(model.f, online=model, optimizer=opt, views=views)
+    run.resume_or_evaluate_init(model.f, online=model, optimizer=opt, scaler=scaler, views=views)
     for epoch in run.epochs():
-        for (images, labels), last_micro in run.batches(loader):
+        for (images, labels), step_due in run.batches(loader):
             x1, x2 = views(images)
             labels = labels.to(run.device)
-            with run.autocast(ddp, sync=last_micro):
-                loss = F.cross_entropy(ddp(torch.cat([x1, x2])).float(), torch.cat([labels, labels]))  # both views
-                run.backward(loss)
-            if last_micro:
+            with dist.no_sync(ddp, unless=step_due):
+                with run.autocast():
+                    loss = F.cross_entropy(ddp(torch.cat([x1, x2])).float(), torch.cat([labels, labels]))  # both views
+                scaler.scale(loss / cfg.optim.accum_steps).backward()
+            if step_due:
                 lr = set_lr(opt, lr_at(run.step, run.total_steps, run.warmup_steps, peak_lr))
-                run.optimizer_step(opt, model)
-                run.end_step(loss, lr=lr)
+                if cfg.optim.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                run.step_done(loss, lr=lr)
+                if run.stop_requested():
+                    run.save_and_exit()
         if run.eval_due():
             run.evaluate()
-        run.end_epoch()
+        run.epoch_done()
+        if run.stop_requested():
+            run.save_and_exit()
     run.finish({"baseline": "supervised"})
 
 

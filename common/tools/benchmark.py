@@ -30,6 +30,11 @@
     (``augment.path: cpu``, ``data.workers: 2``); the loader is wrapped (``_TimedLoader``) to
     time the last of two epochs from its first request to its exhaustion.
 
+(e) the collapse signal, for each script after its (b) line: what ``proj_std`` (``common.evaluate.projection_std``
+    on the online projections [batch, model.proj_dim] that the script's loss returns at every forward, and the
+    running max ``Run.step_done`` keeps) costs, median of 10 x ``--repeats`` calls on the device, as a share of (b)'s
+    full step.
+
 (d) ``--mhe``: what BYOL-MHE's energy (Eq. 10) adds to a training step, alone: one optimizer step of
     ``byol_mhe_loss`` (the script's step function: online f, g, q on two views, the target's forward,
     the loss) with and without the MHE term, plus its backward, LARS and the EMA update, on views made
@@ -218,6 +223,18 @@ def bench_step(name, args):
             len(views.cache))
 
 
+# ---------------------------------------------------------------------------- (e)
+def bench_signal(name, args):
+    """Median time of the collapse signal of ``name``'s step: ``projection_std`` of [--batch, model.proj_dim]
+    projections (fp32, on the device) and the running max of ``Run.step_done``; returns (seconds, proj_dim)."""
+    from common.evaluate import projection_std
+    script = importlib.import_module(name)
+    cfg = parse(["--set", *_tiny(args, args.batch)], script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
+    dev, d = torch.device(args.device), cfg.model.proj_dim
+    z, best = torch.randn(args.batch, d, device=dev), torch.zeros((), device=dev)
+    return timeit(lambda: torch.maximum(best, projection_std(z)), dev, 10 * args.repeats, warmup=3), d
+
+
 # ---------------------------------------------------------------------------- (c)
 def bench_epoch(args, workers=2):
     """Time of byol_uniform's second epoch: data on the device vs a DataLoader with ``workers`` (cpu path)."""
@@ -326,6 +343,10 @@ def main(argv=None):
             print(f"    {name:<18} + the EMA target's encoder forward {t_target * 1e3:.1f} ms: full step over "
                   f"encoder fwd+bwd + target forward {(t_enc + t_target) * 1e3:.1f} ms | ratio "
                   f"{t_full / (t_enc + t_target):.2f}x", flush=True)
+        t_signal, d = bench_signal(name, args)
+        print(f"(e) {name:<18} collapse signal, proj_std of [{args.batch}, {d}] and its running max "
+              f"{t_signal * 1e3:.4f} ms | full step {t_full * 1e3:.1f} ms | share {100 * t_signal / t_full:.4f}%",
+              flush=True)
 
     t_dev, t_loader = bench_epoch(args)
     rates = (f" | {args.epoch_images / t_dev:,.0f} vs {args.epoch_images / t_loader:,.0f} img/s" if gpu else "")

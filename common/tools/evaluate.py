@@ -1,5 +1,6 @@
 """``python -m common.tools.evaluate RUN_DIR_or_CHECKPOINT [--set key=value ...]``: k-NN and linear probe of a saved
-encoder, on one process, on ``dist.nproc`` local processes or under ``torchrun``.
+encoder, on one process, on ``dist.nproc`` local processes or under ``torchrun``: the command (the functions it
+calls are ``common.evaluate``'s; a training run's own evaluation at an epoch's end is ``common.run.Run.evaluate``).
 
     python -m common.tools.evaluate runs/byol_uniform/cifar10_resnet18_300ep                  # its checkpoints/last.pt
     python -m common.tools.evaluate runs/.../checkpoints/epoch_0100.pt --set eval.linear=paper eval.linear_epochs=80

@@ -130,7 +130,7 @@ def export(ckpt, out, projector=None):
             g.load_state_dict(g_state)
             how = f"from common.models import mlp; g = {call}"
         except RuntimeError:  # a projector of another shape: the script's own build
-            how = "build g as the run's script does (its Online.g / build_model)"
+            how = "build g as the run's script does (its online network's g: Online, MultiViewOnline, build_model)"
         files.append((g_state, projector))
         lines.append(f"wrote the online projector g to {projector}: {how}; g.load_state_dict(torch.load(...))")
     for (tensors, path), option in zip(files, ("--out", "--projector")):
