@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"not a zip file" * 10)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     for arg, want in ((tmp_path / "missing.pt", "no checkpoint at"), (tmp_path, "no checkpoint at"),
-                      (tmp_path / "corrupt.pt", "is not a readable checkpoint"),
+                      (tmp_path / "corrupt.pt", "is corrupt or unreadable"),
                       (tmp_path / "foreign.pt", "holds no online network")):
         with pytest.raises(SystemExit) as e:
             export.main([str(arg), "--out", str(tmp_path / "b.pt")])
