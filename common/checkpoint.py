@@ -119,8 +119,8 @@ def read(path, hint=None, mmap=False, verify=True):
             print(f"note: {path} has no digest (written before checkpoints carried one): loaded without checking "
                   "its tensors", flush=True)
     elif verify and stored != digest(state):
-        raise UserError(f"{path.resolve()}: checkpoint corrupt: the tensors' sha256 differs from the one stored at save "
-                        "(a flipped bit on disk or in transfer); use another checkpoint (checkpoints/) or re-run")
+        raise UserError(f"{path.resolve()}: checkpoint corrupt: the tensors' sha256 differs from the one stored at "
+                        "save (a flipped bit on disk or in transfer); use another checkpoint (checkpoints/) or re-run")
     return state
 
 

@@ -198,7 +198,8 @@ def test_non_finite_floats_are_refused_from_set_and_file(tmp_path, setting):
         return
     *sections, last = key.split(".")
     f = tmp_path / "f.yaml"
-    f.write_text("".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{last}: {value}\n")
+    f.write_text("".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+                 + f"{'  ' * len(sections)}{last}: {value}\n")
     with pytest.raises(UserError) as e:
         parse(["--config", str(f)])
     assert f"config key '{key}'" in str(e.value) and f"is not a finite number (in {f})" in str(e.value)
