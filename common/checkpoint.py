@@ -2,12 +2,13 @@
 
 ``save`` writes to a temporary file in the same folder, fsyncs it and renames it
 over the target, so a kill at any moment leaves either the old or the new
-checkpoint, never a torn one; it stores the sha256 of the tensors' bytes (``digest``)
-in the file. ``read`` (every load: ``load`` for a resume, the tools' reads) turns any
-unreadable file into one clear ``UserError``, checks the digest (a flipped bit in a
-tensor, which unpickles fine, is one line too) and never modifies the file. A checkpoint holds everything a run
-needs to continue bit-exactly: models, target, optimizer, grad scaler, step,
-epoch and the RNG states (``rng_state``) plus the augmentation generator.
+checkpoint, never a torn one; it stores the sha256 of the tensors' bytes
+(``digest``) in the file. ``read`` (every load: ``load`` for a resume, the tools'
+reads) turns any unreadable file into one clear ``UserError``, checks the digest
+(a flipped bit in a tensor, which unpickles fine, is one line too) and never
+modifies the file. A checkpoint holds everything a run needs to continue
+bit-exactly: models, target, optimizer, grad scaler, step, epoch and the RNG
+states (``rng_state``) plus the augmentation generator.
 """
 import errno
 import hashlib
