@@ -2,12 +2,16 @@
 
 ``save`` writes to a temporary file in the same folder, fsyncs it and renames it
 over the target, so a kill at any moment leaves either the old or the new
-checkpoint, never a torn one. ``load`` turns any unreadable file into one clear
-``UserError`` and never modifies the file. A checkpoint holds everything a run
-needs to continue bit-exactly: models, target, optimizer, grad scaler, step,
-epoch and the RNG states (``rng_state``) plus the augmentation generator.
+checkpoint, never a torn one; it stores the sha256 of the tensors' bytes
+(``digest``) in the file. ``read`` (every load: ``load`` for a resume, the tools'
+reads) turns any unreadable file into one clear ``UserError``, checks the digest
+(a flipped bit in a tensor, which unpickles fine, is one line too) and never
+modifies the file. A checkpoint holds everything a run needs to continue
+bit-exactly: models, target, optimizer, grad scaler, step, epoch and the RNG
+states (``rng_state``) plus the augmentation generator.
 """
 import errno
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -34,11 +38,38 @@ def _write_problem(e):
     return e.strerror or str(e), "set out_dir=... to a writable folder"
 
 
-def save(state, path, hint=None):
+DIGEST = "digest"  # the key of a saved dict that holds its tensors' sha256 (hex); ``read`` removes it
+
+
+def digest(state):
+    """sha256 (hex) of every tensor in ``state`` (nested dicts, lists, tuples: models, optimizer state, scaler,
+    RNG states, ...), in a fixed order: dict keys sorted, each tensor's key path, dtype and shape, then its bytes.
+    Other values (numbers, strings) are not part of it."""
+    h = hashlib.sha256()
+
+    def walk(x, where):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{where}\0{t.dtype}\0{tuple(x.shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=lambda k: (type(k).__name__, str(k))):
+                walk(x[k], f"{where}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{where}/{i}")
+    walk(state, "")
+    return h.hexdigest()
+
+
+def save(state, path, hint=None, with_digest=True):
     """Write ``state`` to ``path`` atomically; a failed write (disk full, ...) leaves no temporary file and
     the previous checkpoint intact, and is one ``UserError`` naming the file and the cause (``hint``: the
-    caller's fix, e.g. its own option, instead of the training run's)."""
+    caller's fix, e.g. its own option, instead of the training run's). A dict ``state`` gets its ``digest``
+    under ``DIGEST`` (``with_digest=False``: the file holds ``state`` as it is, e.g. an export's plain weights)."""
     path = Path(path)
+    if with_digest and isinstance(state, dict):
+        state = {**state, DIGEST: digest(state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -65,15 +96,40 @@ def save(state, path, hint=None):
         os.close(dir_fd)
 
 
-def load(path, hint=None):
-    """Read a checkpoint written by ``save(snapshot(...))``; anything else is one clear ``UserError`` (``hint``:
-    what to do instead; by default a training run's)."""
-    hint = "it was left untouched: " + (hint or "move it away to start over, or set resume=path/to/another.pt")
+_NOTED = set()  # the files without a digest noted in this process
+
+
+def read(path, hint=None, mmap=False, verify=True):
+    """The state ``save`` wrote to ``path`` (on the CPU; ``mmap``: tensors mapped from the file, not read in),
+    its digest checked and removed. Every load of a saved state goes through here. An unreadable file is one
+    ``UserError`` (``hint``: what to do instead; by default a training run's), as is a digest that differs from
+    the tensors' (``verify=False``: not checked). A checkpoint written before checkpoints carried a digest loads,
+    with a one-line note. The file is never modified."""
+    path = Path(path)
+    hint = hint or "it was left untouched: move it away to start over, or set resume=path/to/another.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # any unpickling/zip/IO problem
-        raise UserError(f"checkpoint {Path(path).resolve()} is corrupt or unreadable ({type(e).__name__}); "
-                        + hint) from None
+        raise UserError(f"checkpoint {path.resolve()} is corrupt or unreadable ({type(e).__name__}); {hint}") from None
+    if not isinstance(state, dict):
+        return state
+    stored = state.pop(DIGEST, None)
+    if stored is None:
+        if verify and "counters" in state and path.resolve() not in _NOTED and os.environ.get("RANK", "0") == "0":
+            _NOTED.add(path.resolve())
+            print(f"note: {path} has no digest (written before checkpoints carried one): loaded without checking "
+                  "its tensors", flush=True)
+    elif verify and stored != digest(state):
+        raise UserError(f"{path.resolve()}: checkpoint corrupt: the tensors' sha256 differs from the one stored at "
+                        "save (a flipped bit on disk or in transfer); use another checkpoint (checkpoints/) or re-run")
+    return state
+
+
+def load(path, hint=None):
+    """Read (``read``) a checkpoint written by ``save(snapshot(...))``; anything else is one clear ``UserError``
+    (``hint``: what to do instead; by default a training run's)."""
+    hint = "it was left untouched: " + (hint or "move it away to start over, or set resume=path/to/another.pt")
+    state = read(path, hint)
     if not (isinstance(state, dict) and {"counters", "rng", "config"} <= state.keys()):
         raise UserError(f"{Path(path).resolve()} is not a checkpoint of this project; " + hint)
     return state

@@ -12,7 +12,8 @@ Strict: every key of the file and of ``--set`` must exist in the defaults, its
 value must have the default's type (an int is accepted for a float), a value
 with an entry in ``CHOICES`` must be one of the listed ones (a tuple) or lie in
 the range written there (a string such as ``"0 < x <= 1"``; for a list every
-item, with ``increasing`` / ``not empty`` / ``length N`` where said; a hint after ``;``), and a default of
+item, with ``increasing`` / ``not empty`` / ``length N`` / ``integers`` / ``distinct`` where said; a hint after ``;``),
+a float must be finite (``.inf``, ``.nan`` are refused), and a default of
 ``REQUIRED`` must be given. Any violation raises ``UserError`` naming the key,
 the value and what is valid, before anything is loaded or trained. ``null``
 defaults accept any value. ``--help [KEY_PREFIX]`` lists each key's default, type, range and comment (its meaning).
@@ -26,6 +27,7 @@ import ast
 import copy
 import difflib
 import json
+import math
 import sys
 import tokenize
 from pathlib import Path
@@ -187,7 +189,8 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "log.progress": ("auto", True, False),
     # ranges (x: the value, or each item of a list)
-    "seed": "x >= 0", "data.image_size": "x >= 2; the views and evaluation images are resized to it",
+    "seed": "x >= 0", "seeds": "x >= 0, integers, distinct; raft.py's list of seeds, each a seed",
+    "data.image_size": "x >= 2; the views and evaluation images are resized to it",
     "data.workers": "x >= 0",
     "data.synthetic.size": "x >= 1", "data.synthetic.train_size": "x >= 1",
     "data.synthetic.test_size": "x >= 2; uniformity is measured over pairs of test images",
@@ -262,6 +265,8 @@ def _kind(default):
 
 
 def _check_value(key, default, v, where):
+    if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+        raise UserError(f"config key '{key}' = {v!r} is not a finite number ({where}): give a finite value")
     kind = _kind(default)
     if kind == "any" or (key in SWITCHES and isinstance(v, bool)):
         return v
@@ -283,6 +288,10 @@ def in_range(v, spec):
     if "not empty" in flags and not items:
         return False
     if "increasing" in flags and any(a > b for a, b in zip(items, items[1:])):
+        return False
+    if "integers" in flags and not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        return False
+    if "distinct" in flags and any(a == b for i, a in enumerate(items) for b in items[i + 1:]):
         return False
     if any(f.startswith("length ") and len(items) != int(f.split()[1]) for f in flags):
         return False
@@ -313,10 +322,10 @@ def parse_overrides(items):
             raise UserError(f"override '{item}' must look like key.sub=value (e.g. --set optim.lr=0.5)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" and key.strip() != "name" else raw.strip()  # name: as typed
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        if isinstance(value, str) and key.strip() != "name":  # YAML 1.1 reads "1e-4" as a string
             try:
                 value = float(value)
             except ValueError:
@@ -342,10 +351,18 @@ def load_yaml(path, _seen=()):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path.resolve()} (pass --config path/to/file.yaml)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # (byte offsets from 0, as xxd and hexdump show them)
+        raise UserError(f"{path}: not UTF-8 (byte {e.start}: 0x{raw[e.start]:02x}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML{_yaml_problem(e)}") from None
+    if data is None or data == {}:
+        raise UserError(f"config file {path} holds no settings (it is empty or only comments): the run would use the "
+                        "script's defaults; add the settings, or leave --config out to run the defaults")
     if isinstance(data, dict) and "base" in data:
         base = path.parent / str(data.pop("base"))
         if base.resolve() in _seen:
@@ -405,6 +422,11 @@ def _parse(argv, method_defaults=None, method_choices=None, method="run"):
     cfg = resolve(defaults, layers, choices, PRESETS)
     if cfg.name is None:
         cfg.name = Path(args.config).stem if args.config else "default"
+    if isinstance(cfg.name, (int, float)) and not isinstance(cfg.name, bool):  # a file's name: 123
+        cfg.name = str(cfg.name)
+    if isinstance(cfg.name, str) and not cfg.name.strip():
+        raise UserError(f"name={cfg.name!r} is empty: give the run a name (the run folder is out_dir/<method>/<name>), "
+                        "or leave name out to use the config file's")
     if not isinstance(cfg.name, str) or not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
         raise UserError(f"name={cfg.name!r} must be a plain folder name (no / or \\): the run folder is "
                         "out_dir/<method>/<name>; set out_dir=... to choose where")

@@ -256,7 +256,14 @@ def imagenet100_classes():
 
 
 def _rgb_uint8(path):
-    return pil_to_tensor(torchvision.datasets.folder.pil_loader(path))
+    """The image file ``path`` as uint8 RGB [3, H, W]; a file that does not decode (truncated, corrupt) is one
+    ``UserError`` naming it (in a DataLoader worker too: ``dist`` prints the line the worker's traceback ends with)."""
+    try:
+        return pil_to_tensor(torchvision.datasets.folder.pil_loader(path))
+    except Exception as e:  # PIL: OSError "image file is truncated", SyntaxError "broken PNG file", ...
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"data: {path} is not a readable image ({type(e).__name__}{': ' + why if why else ''}): "
+                        "replace or remove it") from None
 
 
 class _ImageFolder(torchvision.datasets.ImageFolder):

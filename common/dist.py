@@ -315,6 +315,18 @@ def _on_cpu(cfg):
     return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
 
 
+def one_line(e):
+    """The line of a ``UserError`` ``e``. One raised in a DataLoader worker reaches this process re-raised with the
+    worker's traceback as its message ("Caught UserError in DataLoader worker process 0. Original Traceback ...");
+    its last line is the worker's ``UserError: <message>``: the message."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.rpartition(".")[2] == "UserError" else last
+
+
 def _run(train, cfg):
     """Run ``train(cfg)`` in this process: a UserError is one line and exit status 2, a Stopped run its line
     and code. A CPU run keeps freed memory (``keep_freed_memory``): this process is a script's own run."""
@@ -329,7 +341,7 @@ def _run(train, cfg):
             _init(cfg)
         return train(cfg)
     except UserError as e:
-        code, msg = 2, f"error: {e}"
+        code, msg = 2, f"error: {one_line(e)}"
     except Stopped as e:
         code, msg = e.code, str(e)
     finally:

@@ -73,3 +73,10 @@ def test_paper_configs_leave_out_fashion_mnist_bases_and_toys():
     assert "byol_mhe/imagenet_resnet50_300ep" in names and "raft/raft-mlpp" in names
     assert not [n for n in names if "fashion_mnist" in n or "/_" in n or "toy" in n], names
     assert torch.get_num_threads() == 1  # (the fixture)
+
+
+def test_digest_cost_measures_save_and_read_with_and_without():
+    tiny = ["model.arch=resnet18", "model.width=8", "model.proj_hidden=16", "model.proj_dim=8", "model.pred_hidden=16"]
+    c = at_scale.digest_cost(overrides=tiny, repeats=1)
+    assert all(c[k] > 0 for k in ("digest", "save_False", "save_True", "read_False", "read_True"))
+    assert 0 < c["bytes_True"] - c["bytes_False"] < 300  # the hex string and its key

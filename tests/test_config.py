@@ -207,9 +207,10 @@ def test_help_lists_every_key_with_its_default_type_range_and_meaning(script, mo
     assert set(rows) == set(keys) and "--set KEY=VALUE" in out
     for key, default in keys.items():
         shown, allowed, meaning = rows[key]
-        # the printed default, given to --set, is the default
-        value = config.parse_overrides([f"{key}={shown}"])
-        for part in key.split("."):
+        # the printed default, given to --set, is the default (name: null is the config file's name; --set name=null
+        # names a run "null", as any text given for name is kept as written)
+        value = None if key == "name" else config.parse_overrides([f"{key}={shown}"])
+        for part in key.split(".") if value is not None else ():
             value = value[part]
         assert config._check_value(key, default, value, "--help") == default, (key, shown)
         spec = choices.get(key)
@@ -269,3 +270,62 @@ def test_help_of_a_script_run_by_python():
     line = next(x for x in p.stdout.splitlines() if x.startswith("optim.lr "))
     assert line.split()[:4] == ["optim.lr", "1.5", "float", ">="] and "base learning rate" in line
     assert "t of Eq. 3" in p.stdout  # a comment of the script's own DEFAULTS
+
+
+# ---------------------------------------------------------------------- issue #35, third round
+def test_a_latin1_config_file_is_one_line_with_the_byte(tmp_path):
+    f = tmp_path / "l.yaml"
+    f.write_bytes("# réglages: café\noptim:\n  lr: 1.0\n".encode("latin-1"))
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(f)])
+    assert str(e.value) == f"{f}: not UTF-8 (byte 3: 0xe9); save it as UTF-8"
+    f.write_text("# réglages: café\noptim:\n  lr: 1.0\n", encoding="utf-8")
+    assert parse(["--config", str(f)]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("text", ["", "# only comments\n\n# nothing else\n", "{}\n"])
+def test_a_config_file_without_settings_is_refused(tmp_path, text):
+    """It would run the script's (paper) defaults under the file's name, silently."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(f)])
+    assert str(e.value).startswith(f"config file {f} holds no settings") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=.inf", "optim.lr=inf", "optim.lr=-.inf", "optim.weight_decay=.inf",
+                                     "loss.lambda_uni=.nan", "augment.blur_p=[0.5,.nan]", "data.mean=[.nan,0,0]"])
+def test_non_finite_floats_are_refused_from_set_and_file(tmp_path, setting):
+    key, value = setting.split("=")
+    with pytest.raises(UserError) as e:
+        parse(["--set", setting])
+    assert f"config key '{key}'" in str(e.value) and "is not a finite number (from --set)" in str(e.value)
+    if value == "inf":  # in a file, YAML reads it as the string 'inf': a wrong type, refused before this issue
+        return
+    *sections, last = key.split(".")
+    f = tmp_path / "f.yaml"
+    f.write_text("".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+                 + f"{'  ' * len(sections)}{last}: {value}\n")
+    with pytest.raises(UserError) as e:
+        parse(["--config", str(f)])
+    assert f"config key '{key}'" in str(e.value) and f"is not a finite number (in {f})" in str(e.value)
+
+
+def test_name_is_the_text_given_and_not_blank(tmp_path):
+    assert parse(["--set", "name=123"]).name == "123"
+    assert parse(["--set", "name=1e3"]).name == "1e3"
+    assert parse(["--set", "name=007"]).name == "007"
+    f = tmp_path / "cfg.yaml"
+    f.write_text("name: 2024\noptim: {lr: 1.0}\n")
+    assert parse(["--config", str(f)]).name == "2024"
+    for blank in ("name=", "name= ", "name=   "):
+        with pytest.raises(UserError) as e:
+            parse(["--config", str(f), "--set", blank])
+        assert "is empty" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_in_range_integers_and_distinct_flags():
+    assert config.in_range([0, 3], "x >= 0, integers, distinct") and config.in_range([], "x >= 0, integers, distinct")
+    for bad in ([1.5], [True], ["a"], [-1], [0, 0], [[1]]):
+        assert not config.in_range(bad, "x >= 0, integers, distinct"), bad
+    assert config.in_range([0.5, 0.5], "x >= 0") and not config.in_range([0.5, 0.5], "x >= 0, distinct")

@@ -153,7 +153,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"not a zip file" * 10)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     for arg, want in ((tmp_path / "missing.pt", "no checkpoint at"), (tmp_path, "no checkpoint at"),
-                      (tmp_path / "corrupt.pt", "is not a readable checkpoint"),
+                      (tmp_path / "corrupt.pt", "is corrupt or unreadable"),
                       (tmp_path / "foreign.pt", "holds no online network")):
         with pytest.raises(SystemExit) as e:
             export.main([str(arg), "--out", str(tmp_path / "b.pt")])
@@ -197,3 +197,19 @@ def test_export_to_an_unwritable_place_names_out_not_out_dir(tmp_path, capsys, m
         export.main([str(path), "--out", str(tmp_path / "b.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "choose another --out" in err[0] and "out_dir" not in err[0], err
+
+
+def test_export_refuses_out_and_projector_at_one_path(tmp_path, capsys):
+    """--out and --projector naming one file (by resolved path: another spelling, a symlink): one line, nothing
+    written (the projector would replace the encoder)."""
+    _, _, path = _checkpoint(tmp_path, "byol_uniform", "model.width=8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.pt").symlink_to(tmp_path / "b.pt")
+    for proj in (tmp_path / "b.pt", tmp_path / "sub" / ".." / "b.pt", tmp_path / "link.pt"):
+        with pytest.raises(SystemExit) as e:
+            export.main([str(path), "--out", str(tmp_path / "b.pt"), "--projector", str(proj)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "same file" in err[0], err
+        assert "choose another --projector" in err[0] and not (tmp_path / "b.pt").exists()
+    export.main([str(path), "--out", str(tmp_path / "b.pt"), "--projector", str(tmp_path / "g.pt")])
+    assert checkpoint.DIGEST not in torch.load(tmp_path / "b.pt", weights_only=True)  # plain weights for users

@@ -232,3 +232,44 @@ def test_paper_probe_batch_larger_than_its_set_is_one_line(tmp_path):
     assert "eval.linear_batch_size=64 exceeds the 16 images" in str(e.value)
     assert "eval.linear_batch_size=16 or less" in str(e.value)
     loaders.eval_loaders(cfg(tmp_path, "eval.linear=paper", "eval.linear_batch_size=16", "device=cpu", "eval.knn_k=[5]"))
+
+
+# ------------------------------------------------------------------------------------------ a truncated image
+def truncate(path):
+    """Cut the file in half: the header (size) still reads, the pixels do not decode."""
+    b = path.read_bytes()
+    path.write_bytes(b[:len(b) // 2])
+    return path
+
+
+TRUNCATED = "is not a readable image (OSError: image file is truncated): replace or remove it"
+
+
+def test_a_truncated_image_is_one_line_naming_it_when_opened_or_in_the_statistics_pass(tmp_path):
+    """One size (decoded into memory when the folder is opened) or several (decoded per item: the statistics pass
+    meets it first): a UserError naming the file, one line."""
+    for name, size in (("one", (16, 16)), ("several", [(16, 20), (24, 18)])):
+        bad = truncate(labelled(tmp_path / name, n=6, size=size) / "train" / "dog" / "03.png")
+        c = cfg(tmp_path / name)
+        with pytest.raises(UserError) as e:
+            data.stats(c.data)
+            data.load(c.data, "ssl")
+        assert str(e.value) == f"data: {bad} {TRUNCATED}", name
+
+
+def test_byol_uniform_stops_on_a_truncated_image_before_training(tmp_path):
+    root = labelled(tmp_path / "pngs", val=2, size=[(16, 20), (24, 18)])
+    bad = truncate(root / "train" / "cat" / "05.png")
+    p = S.run(tmp_path, f"data.root={root}", "augment.path=hybrid", check=False)
+    assert one_clear_line(p) == f"error: data: {bad} {TRUNCATED}"
+    assert not S.folder(tmp_path, "r").exists()  # nothing trained: the run folder is removed
+
+
+def test_a_truncated_image_met_by_a_dataloader_worker_is_the_same_one_line(tmp_path):
+    """The statistics given (no statistics pass), images of several sizes decoded per item by a worker process:
+    the worker's UserError, not its traceback."""
+    root = labelled(tmp_path / "pngs", val=2, size=[(16, 20), (24, 18)])
+    bad = truncate(root / "train" / "dog" / "02.png")
+    p = S.run(tmp_path, f"data.root={root}", "augment.path=hybrid", "data.workers=1", "data.mean=[0.5,0.5,0.5]",
+              "data.std=[0.25,0.25,0.25]", check=False)
+    assert one_clear_line(p) == f"error: data: {bad} {TRUNCATED}"

@@ -118,6 +118,21 @@ def test_bad_inputs_stop_with_one_clear_line(tmp_path):
         assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_seeds_are_checked_like_seed_at_parse_time(tmp_path):
+    """Integers, >= 0, distinct: one line before anything runs (a non-integer crashed after the run folder was
+    made, -1 trained, [0, 0] trained seed 0 and then stopped)."""
+    for bad, shown in (("[a]", "['a']"), ("[-1]", "[-1]"), ("[0,0]", "[0, 0]"), ("[1.5]", "[1.5]"),
+                       ("[true]", "[True]"), ("[2,1,2]", "[2, 1, 2]")):
+        with pytest.raises(UserError) as e:
+            _parse(["--config", str(QUICK), "--set", f"seeds={bad}"], raft.DEFAULTS, raft.CHOICES, method=raft.METHOD)
+        assert str(e.value).startswith(f"config key 'seeds' = {shown} is out of range: allowed x >= 0, integers, "
+                                       "distinct"), str(e.value)
+    assert _parse(["--config", str(QUICK), "--set", "seeds=[2,0]"], raft.DEFAULTS, raft.CHOICES,
+                  method=raft.METHOD).seeds == [2, 0]
+    line = one_clear_line(run(tmp_path, "seeds=[a]", name="s", check=False))
+    assert "config key 'seeds'" in line and not (tmp_path / "raft").exists()  # no run folder left
+
+
 # ---------------------------------------------------------------------------------------- paper configs
 TAB = {  # file: (objective, predictor, tangential, β of Eq. 9-11, β as Tab. 3 writes it)
     "byol-mlpp": ("byol", "mlp", False, 1.0, 0.0), "byolprime-mlpp": ("byol_prime", "mlp", False, 1.0, 1.0),

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from common.config import UserError
+from common.dist import one_line
 from common.models import resnet
 
 
@@ -50,5 +51,5 @@ def or_exit(fn, *args):
     try:
         return fn(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)  # (a DataLoader worker's: the message, not its traceback)
         sys.exit(2)

@@ -1,7 +1,8 @@
 """Numbers to plan a cluster run with: memory per GPU and per rank, loader workers, evaluation time.
 
     python -m common.tools.benchmark --at-scale                     # every part (~10 min on 2 CPU cores)
-    python -m common.tools.benchmark --at-scale --parts memory      # (a) only; also: hybrid, eval-memory, eval-time
+    python -m common.tools.benchmark --at-scale --parts memory      # (a) only; also: hybrid, eval-memory, eval-time,
+                                                                    # digest
 
 Measured here (on the CPU; the same tensors on a GPU) or computed from stated formulas; each printed row says which.
 
@@ -26,6 +27,10 @@ Measured here (on the CPU; the same tensors on a GPU) or computed from stated fo
     bank over the ranks, at W = 1, 8, 64; computed (formulas in ``eval_memory``).
 (d) eval-time: one evaluation's wall time as a fraction of a training epoch, per ImageNet config, and the final
     paper probe in epochs; computed (model in ``eval_time``).
+(e) digest: the cost of a checkpoint's digest (the sha256 of its tensors, ``common.checkpoint``) for
+    byol_uniform/imagenet_resnet50_300ep's checkpoint (online, EMA target, LARS momentum after one step, the
+    augmentation RNG): save and read with and without it, and the file size; measured (fastest of 3; the file in
+    the page cache).
 """
 import argparse
 import math
@@ -288,7 +293,64 @@ def eval_time_rows():
         print(f"| {method}/{names[0]}{f' (+{len(names) - 1} more)' if len(names) > 1 else ''} | {row}")
 
 
-PARTS = {"memory": memory_rows, "hybrid": hybrid_rows, "eval-memory": eval_memory_rows, "eval-time": eval_time_rows}
+# ---------------------------------------------------------------------------------------------- (e)
+DIGEST_CONFIG = ROOT / "configs" / "byol_uniform" / "imagenet_resnet50_300ep.yaml"
+
+
+def digest_cost(config=DIGEST_CONFIG, overrides=(), repeats=3):
+    """{"digest", "save", "read" (with / without), "bytes"} of byol_uniform's checkpoint for ``config``: its models
+    built as byol_uniform.py builds them, one LARS step on 4 images of 64 px (the momentum buffers), saved and read
+    back ``repeats`` times with and without the digest (``save(with_digest=)``, ``read(verify=)``); fastest times."""
+    from copy import deepcopy
+
+    import byol_uniform as b
+    from common import checkpoint
+    from common.augment import ViewMaker
+    from common.optim import build, param_groups, scaled_lr
+    argv = ["--config", str(config), *(["--set", *overrides] if overrides else [])]
+    cfg = parse(argv, b.DEFAULTS, getattr(b, "CHOICES", None), b.METHOD)
+    online = b.Online(cfg.model)
+    target = deepcopy(torch.nn.Sequential(online.f, online.g))
+    opt = build(cfg.optim, param_groups([online], cfg.optim.weight_decay, cfg.optim.exclude_bias_norm),
+                scaled_lr(cfg.optim))
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    b.byol_uniform_loss(online, target, x, x.flip(-1), cfg.loss)[0].backward()
+    opt.step()
+    views = ViewMaker(cfg.augment, 2, 64, (0.5,) * 3, (0.25,) * 3, "cpu", seed=0)
+    state = checkpoint.snapshot(cfg, {"step": 1}, b.METHOD, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                online=online, target=target, optimizer=opt, views=views)
+    out = {"digest": min(_wall(lambda: checkpoint.digest(state)) for _ in range(repeats))}
+    with tempfile.TemporaryDirectory() as d:
+        for on in (False, True):
+            path = Path(d) / f"last_{on}.pt"
+            out[f"save_{on}"] = min(_wall(lambda: checkpoint.save(state, path, with_digest=on)) for _ in range(repeats))
+            out[f"read_{on}"] = min(_wall(lambda: checkpoint.read(path, verify=on)) for _ in range(repeats))
+            out[f"bytes_{on}"] = path.stat().st_size
+    return out
+
+
+def _wall(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def digest_rows():
+    c = digest_cost()
+    print(f"measured: byol_uniform/{DIGEST_CONFIG.stem}'s checkpoint, {c['bytes_False'] / 2 ** 20:.0f} MiB, fastest of "
+          f"3, the file in the page cache; sha256 of the tensors alone {c['digest']:.2f} s "
+          f"({c['bytes_False'] / c['digest'] / GiB:.1f} GiB/s)")
+    print("| | without digest | with digest | cost |")
+    print("|---|---|---|---|")
+    for what, key in (("save (torch.save, fsync, rename)", "save"), ("read (torch.load)", "read")):
+        print(f"| {what} | {c[f'{key}_False']:.2f} s | {c[f'{key}_True']:.2f} s | "
+              f"+{c[f'{key}_True'] - c[f'{key}_False']:.2f} s |")
+    print(f"| file size | {c['bytes_False']:,} B | {c['bytes_True']:,} B | +{c['bytes_True'] - c['bytes_False']} B |")
+    return c
+
+
+PARTS = {"memory": memory_rows, "hybrid": hybrid_rows, "eval-memory": eval_memory_rows, "eval-time": eval_time_rows,
+         "digest": digest_rows}
 
 
 def main(argv=None):

@@ -24,13 +24,13 @@ Runs that are not a stock torchvision ResNet load as printed:
 Before writing, the exported tensors are loaded (``strict=True``) into the model the printed lines build.
 ``--projector PATH`` also writes the online projector g, a ``common.models.mlp`` (``nn.Sequential`` names
 ``0.weight``, ...), with the line that builds it. The EMA target, the predictor and the optimizer are not
-exported. A missing, corrupt or foreign checkpoint is one line ``error: ...`` and exit status 2, as is an ``--out``
-or ``--projector`` that is the input or any other checkpoint of this project (it would be replaced).
+exported. A missing, corrupt (its digest checked) or foreign checkpoint is one line ``error: ...`` and exit status 2, as
+is an ``--out`` or ``--projector`` that is the input or any other checkpoint of this project (it would be replaced), or
+both at one path (by resolved path).
 """
 import argparse
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torchvision
 
@@ -91,9 +91,11 @@ def _refuse_overwriting_a_checkpoint(ckpt, dest, option):
                         f"choose another {option}, e.g. backbone.pt")
     if dest.is_file():
         try:
-            checkpoint.load(dest)
+            state = checkpoint.read(dest, mmap=True, verify=False)  # a checkpoint of this project, intact or not
         except UserError:
-            return  # not a checkpoint (an earlier export, ...): replaced as asked
+            return  # not a checkpoint: replaced as asked
+        if not (isinstance(state, dict) and {"counters", "rng", "config"} <= state.keys()):
+            return  # an earlier export, ...: replaced as asked
         raise UserError(f"{option} {dest.resolve()} is a training checkpoint of this project: writing there would "
                         f"replace it; choose another {option}, e.g. backbone.pt")
 
@@ -105,11 +107,11 @@ def export(ckpt, out, projector=None):
     _refuse_overwriting_a_checkpoint(ckpt, out, "--out")
     if projector:
         _refuse_overwriting_a_checkpoint(ckpt, projector, "--projector")
-    try:  # mmap: the optimizer state of a large run is not read into memory
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # any unpickling/zip/IO problem
-        raise UserError(f"{ckpt.resolve()} is not a readable checkpoint ({type(e).__name__}): pass a "
-                        "checkpoint written by one of the six scripts, or its run folder") from None
+        if Path(projector).resolve() == Path(out).resolve():
+            raise UserError(f"--out and --projector are the same file {Path(out).resolve()}: the projector would "
+                            "replace the encoder; choose another --projector, e.g. projector.pt")
+    # mmap: the optimizer state of a large run is hashed (digest) as it is read, not held in memory
+    state = checkpoint.read(ckpt, "pass a checkpoint written by one of the six scripts, or its run folder", mmap=True)
     if not isinstance(state, dict):
         raise UserError(f"{ckpt.resolve()} is not a checkpoint of this project (no 'online' network)")
     m = _model_cfg(state)
@@ -135,7 +137,7 @@ def export(ckpt, out, projector=None):
         lines.append(f"wrote the online projector g to {projector}: {how}; g.load_state_dict(torch.load(...))")
     for (tensors, path), option in zip(files, ("--out", "--projector")):
         try:
-            checkpoint.save(tensors, path, hint=f"choose another {option}")  # atomic: a temporary file renamed
+            checkpoint.save(tensors, path, hint=f"choose another {option}", with_digest=False)  # atomic; plain weights
         except OSError as e:
             raise UserError(f"cannot write {Path(path).resolve()} ({e.strerror or e}): choose another --out")
     return lines

@@ -36,6 +36,7 @@ from common.config import UserError
 from common.log import mean_std
 from common.tools import or_exit
 
+HINT = "leave its run out of the figures, or re-run it"  # what to do about an unreadable or corrupt checkpoint
 INSTALL = "the figures need matplotlib, which the training scripts do not: pip install matplotlib"
 PANEL, DPI = (4.0, 3.2), 100  # inches per panel, dots per inch: each panel is 400 x 320 pixels
 BW = 0.1  # Gaussian KDE bandwidth on S¹ ⊂ R²; the vMF KDE uses the same width, κ = 1 / BW²
@@ -150,7 +151,7 @@ def s1_features(run):
     cfg = Cfg.wrap(merge(BASE, run.cfg))  # over today's defaults: a key added since the run has its default
     cfg.eval.linear = "none"  # only the un-augmented loaders
     ckpt = run.path / "checkpoints" / "last.pt"
-    f = load_encoder(checkpoint.load(ckpt), cfg.model, ckpt)
+    f = load_encoder(checkpoint.load(ckpt, HINT), cfg.model, ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     feats, labels = extract_features(f.to(device), loaders.eval_loaders(cfg)["test"], device)
     feats = (feats - feats.mean(0)).double()
@@ -212,14 +213,14 @@ def decorr_fig1_corr(runs, out, **_):
 
 def wp_snapshots(run):
     """{epoch: {"W_p", "eigvals"?}} from predictor/W_p_epoch_*.pt and the W_p of every checkpoint."""
-    import torch
+    from common import checkpoint
     snaps = {}
     for p in sorted(run.path.glob("checkpoints/*.pt")):
-        s = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: read W_p, not the whole file
+        s = checkpoint.read(p, HINT, mmap=True)  # mmap: the digest streams through the file, not held in memory
         if "W_p.weight" in s.get("online", {}):
             snaps.setdefault(s["counters"]["epoch"], {"W_p": s["online"]["W_p.weight"]})
     for p in sorted(run.path.glob("predictor/W_p_epoch_*.pt")):
-        s = torch.load(p, map_location="cpu", weights_only=True)
+        s = checkpoint.read(p, HINT)
         snaps[s["epoch"]] = s
     return snaps
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from common import checkpoint
 from common.config import BASE, UserError, resolve
 from common.log import mean_std
 
@@ -136,7 +137,7 @@ def mhe_energy(folder):
     if not ckpt.exists():
         return None
     from byol_mhe import hyperspherical_energy  # (the table runs from the project's root)
-    online = torch.load(ckpt, map_location="cpu", weights_only=True).get("online", {})
+    online = checkpoint.read(ckpt, "re-run its cell, or leave it out of the table").get("online", {})
     layers = {k: w for k, w in online.items() if k.split(".")[0] in ("g", "q", "h") and k.endswith(".weight")
               and w.ndim >= 2 and w.shape[0] > 1}
     parts = {k.split(".")[0] for k in layers}
