@@ -56,6 +56,24 @@ def test_no_import_circle_in_common():
     assert not circles, circles
 
 
+# What a copied script brings: the core's lines, held so that growth is a decision, not a drift. The budget: the
+# core's size when it was first stated (3,379 lines, 2026-12-06) plus 3%, plus each decision since, named.
+CORE_LINES_START = 3379
+CORE_GROWTH_DECIDED = {
+    "--help lists every key from the tables that check it (issue #34)": 64,
+    "checkpoint digest, one-line data and config errors (issue #35)": 98,
+}
+CORE_LINES_MAX = int(CORE_LINES_START * 1.03) + sum(CORE_GROWTH_DECIDED.values())
+
+
+def test_the_core_stays_within_its_stated_size():
+    n = sum(core_lines().values())
+    assert n <= CORE_LINES_MAX, (f"the core grew to {n} lines, over {CORE_LINES_MAX}: make it smaller, or decide the "
+                                 "growth in CORE_GROWTH_DECIDED and the README's Layout section")
+    readme = (ROOT / "README.md").read_text()
+    assert f"{CORE_LINES_MAX:,} lines of `common/`" in readme, "the README states the budget a copy brings"
+
+
 def core_lines():
     """Lines of the core modules (printed by ``python tests/test_layout.py``)."""
     return {m: len((ROOT / (m.replace(".", "/") + ".py")).read_text().splitlines()) for m in sorted(core(imports()))

@@ -21,12 +21,14 @@ from scriptrun import ROOT, Script
 METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 # The quickstarts CI runs here (2 threads, with their linear probe), chosen to fit CI's time on 2 cores; the others'
 # rows are checked against their runs tables only (test_readme_band_is_the_mean_and_std_of_the_runs_table).
-BANDS = ("byol_mhe", "msbreg")  # rows measured as bands (runs tables); the others are still single runs
+BANDS = ("byol_mhe", "msbreg", "decorr_nostopgrad")  # rows measured as bands (runs tables); the others are still single runs
 SINGLE_RUN = tuple(m for m in METHODS if m not in BANDS)
 # MSBReg's band is wider than the bar (issue #33 open): its 5 runs' kNN std is 3.0 > 2.0, and 3 s > 5 points.
 WIDE = {"msbreg": "issue #33: MSBReg's quickstart band is wider than 2.0 kNN points (seeds 43.2 to 51.2)"}
+# Decorr's kNN band is within the bar, its linear one is not narrow enough for a 5-point edit to leave it (3 x 2.3)
+WIDE_LINEAR = {"decorr_nostopgrad": "issue #33: Decorr's linear std 2.3: 3 t = 6.9 > 5 points"}
 # Run here (2 threads): the band rows and the cheapest single-run row; the others' learning checks: tests/test_*_run.py
-RUN = ("byol_mhe", "msbreg", "center_penalty")
+RUN = ("byol_mhe", "msbreg", "decorr_nostopgrad", "center_penalty")
 POINT_TOL = {"knn_init": 0.5, "knn200": 3.0, "linear_top1": 4.0}
 FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised encoder features: ~1/√dim spread, ~0 collapsed
 ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+) ± ([\d.]+), linear ([\d.]+) ± ([\d.]+)")
@@ -69,8 +71,8 @@ def band_errors(got, row):
     return {k: (round(got[k], 1), row[k], t) for k, t in tol.items() if abs(got[k] - row[k]) > t}
 
 
-def wide(methods):
-    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=WIDE[m])) if m in WIDE else m
+def wide(methods, wide=WIDE):
+    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=wide[m])) if m in wide else m
             for m in methods]
 
 
@@ -99,7 +101,7 @@ def test_each_band_is_at_most_2_knn_points_wide(method):
     assert readme_row(method)["knn200_std"] <= 2.0, readme_row(method)
 
 
-@pytest.mark.parametrize("method", wide(METHODS))
+@pytest.mark.parametrize("method", wide(METHODS, {**WIDE, **WIDE_LINEAR}))
 def test_a_row_edited_by_5_points_is_caught(method):
     """The check below fails on a stale row: each of the three numbers moved by 5 points is out of its band."""
     row = readme_row(method)
@@ -120,5 +122,7 @@ def test_quickstart_lands_in_its_readme_band_and_learns(tmp_path, method):
     assert not off, f"(ours, README, tolerance) out of the band: {off}; re-measure with `{command(method)}`"
     assert s["knn200"] >= s["knn_init"] + 15, s
     assert s["feature_std"] > FEATURE_STD_FLOOR, s
+    if method == "decorr_nostopgrad":  # its own collapse test: std of l2-normalised outputs x √dim above 0.1
+        assert not s["collapsed"] and s["feature_std_rel"] > 0.1 and s["proj_std_rel"] > 0.1, s
     if method == "center_penalty":  # collapse raises ||s|| of the outputs towards 1 (CenterVector §2.1)
         assert s["s_norm_test"] < 0.5, s
