@@ -91,7 +91,8 @@ DEFAULTS = {
             "b1_shift": 0.0,                # 0: augmentations centred on x; > 0: shifted by k
             "hidden": 64, "out_dim": 16, "layers": 3, "norm": "bn", "pred_hidden": 64},
 }
-CHOICES = {"loss.variant": VARIANTS, "toy.dataset": ("blobs", "moons", "app_b1"), "toy.norm": ("bn", "gn", "ln", "none")}
+CHOICES = {"loss.variant": VARIANTS, "toy.dataset": ("blobs", "moons", "app_b1"),
+           "toy.norm": ("bn", "gn", "ln", "none")}
 
 
 # --------------------------------------------------------------------------- the paper's pieces

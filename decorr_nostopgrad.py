@@ -54,9 +54,10 @@ configs/decorr_nostopgrad/authors_code_imagenet_resnet50.yaml sets 1-5.
 
 Diagnostics at every eval: ||Σ - I||_F² of the correlation matrix of the features of the held-out
 (test) images without augmentation (Fig. 1), on the projector outputs f (``corr_dist_proj``: §5.2 measures
-"extracted features (i.e., f_i^1's)") and on the backbone (``corr_dist``, logged for every method), W_p's asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and
-eigenvalue summary (Fig. 4); W_p is in every checkpoint (``online``'s ``W_p.weight``) and, every
-``diag.wp_every`` epochs, saved with its eigenvalues in run_dir/predictor/ (Fig. 3). The summary reports collapse as a result.
+"extracted features (i.e., f_i^1's)") and on the backbone (``corr_dist``, logged for every method), W_p's
+asymmetry ||W_p - W_pᵀ||_F/||W_p||_F and eigenvalue summary (Fig. 4); W_p is in every checkpoint (``online``'s
+``W_p.weight``) and, every ``diag.wp_every`` epochs, saved with its eigenvalues in run_dir/predictor/ (Fig. 3).
+The summary reports collapse as a result.
 
 Run:
     python decorr_nostopgrad.py --config configs/quickstart/decorr_nostopgrad.yaml         # CPU, minutes

@@ -65,7 +65,8 @@ DEFAULTS = {
               "head_norm": "bn"},     # norm in the projector/predictor: bn | ln | none (Tab. 13)
     "optim": {"name": "lars", "lr": 0.4,  # App. 7.1: LARS, base lr 0.4 (ImageNet-100; STL-10 0.5, ImageNet 0.15)
               "lr_scaling": "linear",     # App. 7.1: base_lr x batch/256 (x K, in train())
-              "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},  # App. 7.1 (320: ImageNet-100, STL-10)
+              # App. 7.1 (320: ImageNet-100, STL-10)
+              "weight_decay": 1.0e-5, "batch_size": 512, "epochs": 320, "warmup_epochs": 10},
     "ema": {"tau": 0.99, "schedule": "cosine"},  # not stated (§3.1: BYOL's target); ours: BYOL-MHE's 300-epoch τ
     "augment": {"blur_p": [1.0], "solarize_p": [0.2]},  # Tab. 9: every view
     "eval": {"knn_k": [200, 20, 5],   # weighted kNN (T = eval.knn_t); 20/200-NN of Tab. 4

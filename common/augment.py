@@ -40,9 +40,9 @@ the image size, as for CIFAR); at the edge of a crop box the batched path's bicu
 neighbouring pixels where torchvision (crop, then resize) repeats the box's edge; and
 the two paths draw different random numbers.
 """
-from collections.abc import Mapping
 import functools
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

@@ -240,7 +240,8 @@ def _typename(v):
 def _check(defaults, user, where, prefix=""):
     """Check ``user`` against ``defaults`` recursively; return it with ints cast to float where needed."""
     if not isinstance(user, dict):
-        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {_typename(user)} ({where})")
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
+                        f"got {_typename(user)} ({where})")
     out = {}
     for k, v in user.items():
         key = prefix + str(k)

@@ -11,13 +11,13 @@ CIFAR-100 50 per class, ImageNet the last 10009 (of a fixed-seed shuffle, for Gr
 10% of every class elsewhere. Nothing downloads unless ``data.download: true``; a missing dataset is one
 ``UserError`` saying where we looked and how to fix it.
 """
-from collections.abc import Mapping
 import gzip
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 
 import torch
 import torchvision
@@ -403,8 +403,8 @@ def _scan(folder, part):
                             f"folders of train/ (val/<class>/<image>), or remove it to hold out part of train/")
         return [], [f for f in files if _image_file(f)], [-1] * len(files)
     classes = [c for c in find_classes(folder)[0] if not c.startswith(".")]
-    samples = make_dataset(folder, {c: i for i, c in enumerate(classes)}, is_valid_file=lambda f: _image_file(f, folder),
-                           allow_empty=True)
+    samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
+                           is_valid_file=lambda f: _image_file(f, folder), allow_empty=True)
     empty = sorted(set(classes) - {classes[c] for _, c in samples})
     if empty:
         raise UserError(f"data.name=folder: the class folder {os.path.join(folder, empty[0])} holds no images; "

@@ -397,9 +397,10 @@ def launch(train, cfg):
         return _run(train, cfg)
     ctx = torch.multiprocessing.start_processes(_spawned, args=(train, cfg, cfg.dist.nproc, _free_port()),
                                                 nprocs=cfg.dist.nproc, join=False, start_method="spawn")
+    procs = ctx.processes  # forward's own reference: it may still run after `del ctx` below (a late signal)
 
     def forward(signum, frame):  # Ctrl-C, SIGTERM, SIGUSR1 to the launcher: every rank stops at the same step
-        for p in ctx.processes:
+        for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):

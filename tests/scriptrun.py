@@ -105,7 +105,7 @@ class Script:
             if not v.is_floating_point():  # BN's batch counters
                 assert torch.equal(two[k], v), k
             elif torch.equal(v, w0[k]):  # BN's running statistics, weights the step left alone
-                torch.testing.assert_close(two[k], v, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+                torch.testing.assert_close(two[k], v, rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
             else:
                 update, other = v.double() - w0[k].double(), two[k].double() - w0[k].double()
                 err = (other - update).norm().item()

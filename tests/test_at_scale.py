@@ -8,6 +8,7 @@ import torch
 
 from common.config import parse
 from common.tools import at_scale
+
 from scriptrun import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
-"""The baselines (common/tools/baselines.py) and the results-table command (common/tools/results.py) on tiny synthetic runs:
-the random-init baseline is the initial encoder every run starts from; the table runs each (cell, seed) once,
-resumes without re-running a finished one, writes mean ± std; missing data stop it before any run with how to get
-them; the MHE energy it reads from a checkpoint is byol_mhe.py's own."""
+"""The baselines (common/tools/baselines.py) and the results-table command (common/tools/results.py) on tiny
+synthetic runs: the random-init baseline is the initial encoder every run starts from; the table runs each
+(cell, seed) once, resumes without re-running a finished one, writes mean ± std; missing data stop it before any
+run with how to get them; the MHE energy it reads from a checkpoint is byol_mhe.py's own."""
 import csv
 import json
 import statistics
@@ -87,7 +87,8 @@ def test_missing_data_stop_before_any_run_and_say_how_to_get_them(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
-def test_mhe_energy_from_the_checkpoint_is_byol_mhe_s_own_and_random_init_is_every_run_s_start(tmp_path, capsys, monkeypatch):
+def test_mhe_energy_from_the_checkpoint_is_byol_mhe_s_own_and_random_init_is_every_run_s_start(tmp_path, capsys,
+                                                                                                   monkeypatch):
     io = dict(capsys=capsys, monkeypatch=monkeypatch)
     table = _table(tmp_path, [("random-init", "-m common.tools.baselines", "baseline=random"),
                               ("byol_mhe", "byol_mhe.py", "model.proj_hidden=32 model.proj_dim=8 model.pred_hidden=32 "

@@ -47,8 +47,9 @@ def test_benchmark_prints_each_ratio_of_its_two_timings(capsys):
 
 def test_mhe_cost_times_the_scripts_step_with_and_without_the_energy(capsys):
     """(d): the step is byol_mhe_loss itself; with MHE the regularised layers get another gradient."""
-    import byol_mhe as bm
     from common.config import Cfg, parse
+
+    import byol_mhe as bm
     cfg = bm.check_mhe(parse(["--set", "model.width=8", "model.proj_hidden=64", "model.proj_dim=16",
                               "model.pred_hidden=64", "mhe.layers=[projector]"], bm.DEFAULTS, method="byol_mhe"))
     torch.manual_seed(0)
@@ -63,7 +64,8 @@ def test_mhe_cost_times_the_scripts_step_with_and_without_the_energy(capsys):
     benchmark.main(["--mhe", "--device", "cpu", "--size", "16", "--batch", "8", "--width", "8", "--repeats", "1"])
     out = capsys.readouterr().out
     times = dict(re.findall(r"^    (.+?)\s+([0-9.]+)(?: s)?$", out, re.M))
-    assert {"byol", "+mhe", "mhe", "ratio", "mhe projector.0 (4096, 64)", "mhe predictor.0 (4096, 256)"} <= set(times), out
+    assert {"byol", "+mhe", "mhe", "ratio", "mhe projector.0 (4096, 64)",
+            "mhe predictor.0 (4096, 256)"} <= set(times), out
     assert all(float(v) > 0 for v in times.values()), out
 
 
@@ -72,6 +74,7 @@ def test_gpu_check_dry_runs_every_part_and_writes_its_json(tmp_path, capsys):
     on the CPU) and pass, the BYOL epoch and step rates are measured, and each batch search meets the pretend
     out-of-memory limit and bisects to it exactly; one line per result, and the JSON holds the same numbers."""
     import json
+
     from common.tools import gpu_check
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

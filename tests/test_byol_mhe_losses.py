@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-import byol_mhe as bm
 from common.config import BASE, Cfg
+
+import byol_mhe as bm
 
 POWERS = ("0", "1", "2", "a0", "a1", "a2")
 
@@ -227,8 +228,8 @@ def test_blockwise_energy_and_gradient_match_float64_autograd(power, rows):
 def test_paper_sized_layer_runs_in_blocks_and_is_accurate(shape):
     """The 4096x512 (ResNet-18 projector) and 4096x2048 (ResNet-50) layers: no Python loop over neurons. As
     one block: the same ops as for 8 neurons, three matrix products (C, GŴ for the block's rows, and for the
-    rows below it: empty here); in the default blocks (2^20 pairs: 256 rows) three products per block; (4096x512) float32 value and gradient within 1e-4 of
-    float64 autograd (a2)."""
+    rows below it: empty here); in the default blocks (2^20 pairs: 256 rows) three products per block;
+    (4096x512) float32 value and gradient within 1e-4 of float64 autograd (a2)."""
     w = (torch.randn(*shape) * 0.02).requires_grad_()
     n = shape[0]
     for power in ("2", "a2") if shape[1] == 512 else ("a2",):

@@ -7,9 +7,9 @@ import shlex
 
 import pytest
 
-import byol_mhe as bm
 from common.config import parse
 
+import byol_mhe as bm
 from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "byol_mhe.yaml"

@@ -5,8 +5,9 @@ import math
 
 import torch
 
-import byol_uniform as bu
 from common.config import BASE, Cfg
+
+import byol_uniform as bu
 
 
 def byol_ref(p, z):

@@ -4,11 +4,12 @@ import copy
 import math
 
 import torch
+from gloo import on_processes
 
-import center_penalty as cp
 from common import dist as cd
 from common.config import BASE, Cfg, merge
-from gloo import on_processes
+
+import center_penalty as cp
 
 
 def unit(v):

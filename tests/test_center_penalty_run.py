@@ -9,7 +9,8 @@ from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 QUICK = ROOT / "configs" / "quickstart" / "center_penalty.yaml"
 TOYS = ROOT / "configs" / "center_penalty"
 TINY = ["data.synthetic.train_size=128", "data.synthetic.test_size=64", "model.width=8", "model.proj_hidden=32",
-        "model.proj_dim=16", "model.pred_hidden=8", "optim.batch_size=32", "optim.epochs=1", "eval.linear_epochs=2", "eval.knn_k=[20]"]
+        "model.proj_dim=16", "model.pred_hidden=8", "optim.batch_size=32", "optim.epochs=1", "eval.linear_epochs=2",
+        "eval.knn_k=[20]"]
 S = Script("center_penalty", TINY)
 run, folder, metrics, summary, params = S.run, S.folder, S.metrics, S.summary, S.checkpoint
 
@@ -42,8 +43,9 @@ SIMSIAM_VIEWS = {"crop_scale": [0.2, 1.0], "flip_p": 0.5, "jitter": [0.4, 0.4, 0
 def test_resolved_views_are_simsiams_not_byols(config, blur):
     """DEFAULTS: SimSiam's symmetric views (the project's choice; the paper names no augmentation), no
     solarisation, blur p 0.5 on both views; the small-image presets (synthetic, Fashion-MNIST) drop the blur."""
-    import center_penalty
     from common.config import parse
+
+    import center_penalty
     argv = (["--config", str(TOYS / config)] if config
             else ["--set", f"data.name={'stl10' if blur == [0.5] else 'cifar10'}"])
     a = parse(argv, center_penalty.DEFAULTS, center_penalty.CHOICES, method="center_penalty").augment
@@ -119,9 +121,10 @@ def _toy(tmp_path, dataset, variant):
 @pytest.mark.parametrize("dataset", ["blobs", "moons"])
 def test_toy_collapse_study_five_seeds(tmp_path, dataset):
     """CenterVector §3.1-3.2 on the shipped toy configs (5 seeds, 50 epochs). Thresholds from our measurements
-    (configs/center_penalty/README.md): collapsed ||s|| per seed 0.84-0.93 (blobs), >= 0.999 (moons); center penalty <= 0.04 (blobs),
-    0.008-0.33 (moons: 2 of 5 seeds merge two classes, ||s|| = 1/3). kNN stays high for every variant, so it is not
-    asserted to fall to chance (the paper's claim does not reproduce with a cosine kNN)."""
+    (configs/center_penalty/README.md): collapsed ||s|| per seed 0.84-0.93 (blobs), >= 0.999 (moons); center
+    penalty <= 0.04 (blobs), 0.008-0.33 (moons: 2 of 5 seeds merge two classes, ||s|| = 1/3). kNN stays high
+    for every variant, so it is not asserted to fall to chance (the paper's claim does not reproduce with a cosine
+    kNN)."""
     res = {v: _toy(tmp_path, dataset, v) for v in ("center_penalty", "invariance_only", "simsiam_no_predictor")}
     cp_ = res["center_penalty"]
     s_cp = [r["final"]["center_norm"] for r in cp_["per_seed"].values()]

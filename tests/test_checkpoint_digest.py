@@ -12,6 +12,7 @@ import torch
 
 from common import checkpoint
 from common.config import BASE, Cfg, UserError
+
 from scriptrun import ROOT, Script, one_clear_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import byol_uniform
 from common import config
 from common.config import REQUIRED, UserError
+
+import byol_uniform
 
 M = byol_uniform.DEFAULTS  # a script's defaults add its paper's optim/ema/model keys to the shared BASE
 
@@ -105,7 +106,8 @@ def test_base_file_inheritance(tmp_path):
     ("optim.batch_size=0", "'optim.batch_size' = 0 is out of range"),
     ("eval.knn_k=[]", "'eval.knn_k' = [] is out of range: allowed x >= 1, not empty"),
     ("eval.knn_k=[200,0]", "'eval.knn_k' = [200, 0] is out of range"),
-    ("augment.crop_scale=[1.0,0.08]", "'augment.crop_scale' = [1.0, 0.08] is out of range: allowed 0 < x <= 1, increasing"),
+    ("augment.crop_scale=[1.0,0.08]",
+     "'augment.crop_scale' = [1.0, 0.08] is out of range: allowed 0 < x <= 1, increasing"),
     ("eval.knn_t=0", "'eval.knn_t' = 0.0 is out of range: allowed x > 0"),
     ("augment.flip_p=2", "'augment.flip_p' = 2.0 is out of range"),
     ("name=../elsewhere", "must be a plain folder name"),
@@ -119,7 +121,8 @@ def test_values_out_of_range_are_one_line_naming_key_value_and_range(setting, sa
 
 def test_in_range_reads_bounds_lists_and_flags():
     assert config.in_range(0.5, "0 < x <= 1") and not config.in_range(0, "0 < x <= 1")
-    assert config.in_range([0.08, 1.0], "0 < x <= 1, increasing") and not config.in_range([1.0, 0.5], "x > 0, increasing")
+    assert config.in_range([0.08, 1.0], "0 < x <= 1, increasing")
+    assert not config.in_range([1.0, 0.5], "x > 0, increasing")
     assert not config.in_range([], "x >= 1, not empty") and config.in_range([], "x >= 1")
     assert config.in_range(3, "x >= 1; a hint after the semicolon is not part of the range")
 

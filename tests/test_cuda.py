@@ -26,6 +26,7 @@ from common import data, loaders
 from common.augment import ViewMaker
 from common.config import BASE, Cfg
 from common.tools import benchmark
+
 from scriptrun import Script
 
 DEVICE = os.environ.get("ONEFILE_TEST_DEVICE", "cuda")

@@ -11,7 +11,6 @@ from PIL import Image
 from common import config, data, loaders
 from common.config import Cfg, UserError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -178,7 +177,8 @@ def test_fashion_mnist_from_gz_folder(tmp_path, sub):
     g = torch.Generator().manual_seed(0)
     sets = {"train": (7, torch.tensor([9, 0, 0, 3, 0, 2, 7])), "t10k": (4, torch.tensor([1, 2, 3, 4]))}
     for prefix, (n, labels) in sets.items():
-        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 5, 6), generator=g, dtype=torch.uint8))
+        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz",
+                     torch.randint(0, 256, (n, 5, 6), generator=g, dtype=torch.uint8))
         write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
     train = data.load(cfg(name="fashion_mnist", root=str(tmp_path)), "train")
     test = data.load(cfg(name="fashion_mnist", root=str(tmp_path)), "test")
@@ -225,8 +225,9 @@ def test_presets_and_stats_cover_datasets():
 
 # ---------------------------------------------------------------------------------------- training loaders
 def _run_cfg(on_device, path="batched", batch=32):
-    import byol_uniform
     from common.config import BASE, merge, resolve
+
+    import byol_uniform
     user = {"seed": 3, "data": {"on_device": on_device, "workers": 0,
                                 "synthetic": {"train_size": 300, "test_size": 10, "size": 16}},
             "augment": {"path": path}, "optim": {"batch_size": batch}}

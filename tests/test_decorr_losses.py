@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-import decorr_nostopgrad as dn
 from common.config import BASE, Cfg
+
+import decorr_nostopgrad as dn
 
 
 # ----------------------------------------------------------------------------- float64 references

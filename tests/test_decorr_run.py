@@ -5,9 +5,9 @@ configs, and (slow) the learning check and the Tab. 3 collapse rows at quickstar
 import pytest
 import torch
 
-import decorr_nostopgrad as dn
 from common.config import parse
 
+import decorr_nostopgrad as dn
 from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "decorr_nostopgrad.yaml"
@@ -82,7 +82,8 @@ def test_paper_configs_parse_and_hold_the_table_values():
         assert (L.partitions, L.c_inv, L.c_cov, L.standardize, L.identity_predictor, L.stopgrad) == \
             (1, 1.0, cc, std, ipred, sg), name
     c = cfgs["tab4_ours_p8192x3"]
-    assert (c.model.proj_hidden, c.model.proj_dim, c.loss.partitions, c.loss.c_inv, c.loss.c_cov) == (8192, 8192, 8, 25, 8)
+    assert ((c.model.proj_hidden, c.model.proj_dim, c.loss.partitions, c.loss.c_inv, c.loss.c_cov)
+            == (8192, 8192, 8, 25, 8))
     assert c.model.arch == "resnet50" and c.model.zero_init_residual and c.optim.batch_size == 2048
     assert (c.optim.lr, c.optim.epochs, c.optim.warmup_epochs, c.eval.linear_lr, c.eval.linear_epochs) == \
         (0.3, 100, 10, 0.3, 100)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import on_processes
 
 from common import dist as cd
 from common.evaluate import uniformity
-from gloo import on_processes
 
 
 def _net():

@@ -10,6 +10,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, so `common` imports without a conftest
 from common import evaluate as ev  # noqa: E402
+from common.config import UserError  # noqa: E402
 
 
 def _gen(seed):
@@ -323,5 +324,5 @@ def test_linear_probe_augmented():
     assert enc.training  # mode restored
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # frozen, BN stats untouched
     assert all(p.grad is None for p in enc.parameters())
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="linear probe optimizer must be"):
         ev.linear_probe_augmented(enc, 16, 3, train, test, augment, "cpu", epochs=1, lr=0.1, optimizer="lbfgs")

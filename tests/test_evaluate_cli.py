@@ -1,5 +1,5 @@
-"""``python -m common.tools.evaluate`` as a user runs it (subprocesses): it reproduces a finished run's summary.json on 1
-and 2 processes, writes <checkpoint>.eval.json, prints one line; bad input is one clear line and exit status 2."""
+"""``python -m common.tools.evaluate`` as a user runs it (subprocesses): it reproduces a finished run's summary.json
+on 1 and 2 processes, writes <checkpoint>.eval.json, prints one line; bad input is one clear line and exit status 2."""
 import json
 import os
 import subprocess
@@ -7,10 +7,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from test_byol_uniform_run import S  # the tiny byol_uniform run of its own tests
 
 from common.tools.evaluate import main
+
 from scriptrun import ROOT, one_clear_line
-from test_byol_uniform_run import S  # the tiny byol_uniform run of its own tests
 
 SAME = ("knn20", "uniformity", "center_norm", "feature_std", "linear_top1", "linear_top5", "linear_protocol")
 

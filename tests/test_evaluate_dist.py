@@ -2,12 +2,12 @@
 fast and paper linear probes (every rank calls them and gets the same dict)."""
 import pytest
 import torch
+from gloo import on_processes
 
 from common import evaluate as ev
 from common import loaders
 from common.config import parse
 from common.models import resnet
-from gloo import on_processes
 
 # uneven sets: train 250 = eval batches 64, 64, 64, 58 (rank 0: 0 and 2, rank 1: 1 and 3); test 100 = 64, 36;
 # the kNN monitor's single query chunk and the paper probe's feature-width batch leave rank 1 without one

@@ -10,9 +10,10 @@ import torch.nn as nn
 import torchvision
 
 from common import checkpoint
-from common.tools import export
 from common.config import parse
 from common.models import mlp, resnet
+from common.tools import export
+
 from scriptrun import ROOT, Script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,8 +137,8 @@ def test_a_real_run_exports_from_its_run_folder(tmp_path):
             "optim.warmup_epochs=0", "eval.linear=none", "eval.knn_k=[5]"]
     Script("byol_uniform", tiny).run(tmp_path)
     run = tmp_path / "byol_uniform" / "r"
-    p = subprocess.run([sys.executable, "-m", "common.tools.export", str(run), "--out", str(tmp_path / "b.pt")], cwd=ROOT,
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "common.tools.export", str(run), "--out", str(tmp_path / "b.pt")],
+                       cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0].startswith("wrote the online encoder (resnet18, width 8, CIFAR stem")
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

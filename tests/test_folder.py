@@ -10,10 +10,11 @@ import pytest
 import torch
 from torchvision.transforms.v2.functional import to_pil_image
 
-import byol_uniform
 from common import data, evaluate, loaders
 from common.augment import ViewMaker, eval_transform
 from common.config import BASE, Cfg, UserError, merge, parse_overrides, resolve
+
+import byol_uniform
 from scriptrun import Script, one_clear_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -38,8 +39,9 @@ def labelled(root, classes=("cat", "dog"), n=8, val=0, size=(16, 16)):
 
 
 def cfg(root, *sets):
-    return resolve(merge(BASE, byol_uniform.DEFAULTS), [(parse_overrides(["data.name=folder", f"data.root={root}", "data.image_size=16",
-                                            "data.workers=0", "eval.linear=fast", *sets]), "from --set")])
+    sets = parse_overrides(["data.name=folder", f"data.root={root}", "data.image_size=16", "data.workers=0",
+                            "eval.linear=fast", *sets])
+    return resolve(merge(BASE, byol_uniform.DEFAULTS), [(sets, "from --set")])
 
 
 # ------------------------------------------------------------------------------------------ the layouts
@@ -231,7 +233,8 @@ def test_paper_probe_batch_larger_than_its_set_is_one_line(tmp_path):
         loaders.eval_loaders(c)
     assert "eval.linear_batch_size=64 exceeds the 16 images" in str(e.value)
     assert "eval.linear_batch_size=16 or less" in str(e.value)
-    loaders.eval_loaders(cfg(tmp_path, "eval.linear=paper", "eval.linear_batch_size=16", "device=cpu", "eval.knn_k=[5]"))
+    loaders.eval_loaders(cfg(tmp_path, "eval.linear=paper", "eval.linear_batch_size=16", "device=cpu",
+                             "eval.knn_k=[5]"))
 
 
 # ------------------------------------------------------------------------------------------ a truncated image

@@ -2,11 +2,12 @@
 global batch, the Brownian noise of each image is the one-process noise, and the loss of Eq. 2 and its
 DDP-averaged gradient equal the one-process values on the same global batch."""
 import torch
+from gloo import on_processes
 
-import msbreg as ms
 from common import dist as cd
 from common.config import Cfg
-from gloo import on_processes
+
+import msbreg as ms
 
 K, B, D_IN, D = 4, 16, 6, 5
 LOSS = Cfg(K=K, lambda_s=0.05, lambda_b=0.5, s_normalized=False, centroid=True)

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-import msbreg as ms
 from common.config import BASE, Cfg
 from common.evaluate import extract_features
 from common.loaders import ResumableSampler
+
+import msbreg as ms
 
 
 def _unit(v):

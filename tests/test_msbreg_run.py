@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-import msbreg as ms
 from common.config import parse
 
+import msbreg as ms
 from scriptrun import FIXED_VIEWS, ROOT, Script, config_error, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "msbreg.yaml"

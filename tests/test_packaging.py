@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pyproject_installs_common_with_its_data_and_a_torch_range():
     p = tomllib.loads((ROOT / "pyproject.toml").read_text())
     st = p["tool"]["setuptools"]
-    assert st["packages"] == ["common", "common.tools"]  # not configs/ or tests/: setuptools stops on several top-level packages
+    # not configs/ or tests/: setuptools stops on several top-level packages
+    assert st["packages"] == ["common", "common.tools"]
     for name in st["package-data"]["common"]:
         assert (ROOT / "common" / name).is_file(), name
     deps = {re.split(r"[<>=!~ ;]", d)[0]: d for d in p["project"]["dependencies"]}

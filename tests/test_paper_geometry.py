@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from common import config
+
 from scriptrun import ROOT, Script
 
 METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
@@ -36,7 +37,7 @@ REPRESENTATIVES = [
     "center_penalty/imagenet100_simsiam.yaml",
     "center_penalty/toy_app_b1_minibatch_shifted.yaml", "center_penalty/toy_blobs.yaml",
     "center_penalty/toy_moons.yaml",
-    "decorr_nostopgrad/cifar10_resnet18_1gpu.yaml", 
+    "decorr_nostopgrad/cifar10_resnet18_1gpu.yaml",
     "decorr_nostopgrad/authors_code_imagenet_resnet50.yaml", "decorr_nostopgrad/tab3_row2_inv1_cov1.yaml",
     "decorr_nostopgrad/tab1_k32_inv25_cov1.yaml", "decorr_nostopgrad/tab1_k8_inv25_cov1.yaml",
     "decorr_nostopgrad/tab2_p4096-256_k1_inv1_cov1.yaml", "decorr_nostopgrad/tab2_p4096-256_k32_inv10_cov1.yaml",

@@ -8,13 +8,14 @@ import torch
 import torch.nn as nn
 
 from common import dist
-from common.tools import benchmark
 from common.config import Cfg
 from common.models import maybe_compile, resnet
+from common.tools import benchmark
 
 TINY = ["device=cpu", "data.synthetic.train_size=64", "data.synthetic.test_size=32", "data.synthetic.size=16",
         "data.image_size=16", "data.on_device=true", "model.arch=resnet18", "model.cifar_stem=true", "model.width=4",
-        "model.proj_hidden=64", "model.proj_dim=32", "model.pred_hidden=64", "optim.batch_size=32", "optim.epochs=1", "log.every=1"]
+        "model.proj_hidden=64", "model.proj_dim=32", "model.pred_hidden=64", "optim.batch_size=32", "optim.epochs=1",
+        "log.every=1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

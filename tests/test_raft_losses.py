@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import raft
 from common.config import BASE, Cfg, merge
 
+import raft
 
 
 def net(m):

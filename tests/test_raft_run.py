@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-import raft
 from common.config import UserError, _parse, parse
 
+import raft
 from scriptrun import FIXED_VIEWS, ROOT, Script, one_clear_line
 
 QUICK = ROOT / "configs" / "quickstart" / "raft.yaml"
@@ -176,6 +176,7 @@ def test_app_b_eval_loaders_see_the_whole_32_px_image_resized_to_96(monkeypatch)
     """App. B: "Each image is resized from 32 x 32 to 96 x 96"; the authors' load_testset has no crop: the eval
     loaders resize the whole 32 x 32 image (eval.crop 1.0), not BYOL-MHE App. B.2's 28 x 28 centre crop."""
     import torchvision.transforms.v2.functional as TF
+
     from common import data, loaders
     cfg = parse(["--config", str(ROOT / "configs" / "raft" / "raft-mlpp.yaml"), "--set", "eval.knn_k=[2]"],
                 raft.DEFAULTS, raft.CHOICES, method=raft.METHOD)  # (4 images in the memory bank)

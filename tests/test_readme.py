@@ -7,7 +7,8 @@
   script's own ``parse``, in this process, as the script does before it loads any data.
 - Numbers agree: each number of the README's results table (paper and ours) is the one its method's
   configs/<method>/README.md gives. A quickstart row's band is the mean ± std of its method's runs table
-  (tests/test_readme_quickstart.py checks that; a row not yet a band points there from its method's README), and the quickstart configs' comments hold no measured accuracy.
+  (tests/test_readme_quickstart.py checks that; a row not yet a band points there from its method's README), and
+  the quickstart configs' comments hold no measured accuracy.
 """
 import importlib
 import re
@@ -74,7 +75,8 @@ def test_readme_is_short():
 def test_readme_answers_the_first_questions_in_its_first_120_lines():
     head = "\n".join(_text(README).splitlines()[:120])
     for word in ("python byol_uniform.py --config", "pytest", "torchrun", "--nnodes", "dist.nproc", "sbatch",
-                 "srun", "resume=auto", "common.tools.evaluate", "common.tools.export", "data.name=folder", "run folder"):
+                 "srun", "resume=auto", "common.tools.evaluate", "common.tools.export", "data.name=folder",
+                 "run folder"):
         assert word in head, f"{word!r} is not in the README's first 120 lines"
 
 

@@ -21,7 +21,8 @@ from scriptrun import ROOT, Script
 METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 # The quickstarts CI runs here (2 threads, with their linear probe), chosen to fit CI's time on 2 cores; the others'
 # rows are checked against their runs tables only (test_readme_band_is_the_mean_and_std_of_the_runs_table).
-BANDS = ("byol_mhe", "msbreg", "decorr_nostopgrad")  # rows measured as bands (runs tables); the others are still single runs
+# rows measured as bands (runs tables); the others are still single runs
+BANDS = ("byol_mhe", "msbreg", "decorr_nostopgrad")
 SINGLE_RUN = tuple(m for m in METHODS if m not in BANDS)
 # MSBReg's band is wider than the bar (issue #33 open): its 5 runs' kNN std is 3.0 > 2.0, and 3 s > 5 points.
 WIDE = {"msbreg": "issue #33: MSBReg's quickstart band is wider than 2.0 kNN points (seeds 43.2 to 51.2)"}

@@ -114,7 +114,8 @@ def test_a_diverged_run_never_writes_non_finite_weights_and_names_the_last_good_
     step = state["counters"]["step"]
     assert f"the last good checkpoint is {ck} (step {step})" in line and "training diverged" in line
     assert "resume=auto resume_allow_changes=true" in line  # a lower lr is refused without it
-    assert all(v.isfinite().all() for part in ("online", "target") for v in state[part].values() if v.is_floating_point())
+    assert all(v.isfinite().all() for part in ("online", "target") for v in state[part].values()
+               if v.is_floating_point())
     line = one_clear_line(S.run(tmp_path, "optim.lr=1e30", name="d0", check=False))
     assert "training diverged; no checkpoint was written before" in line
     assert not (folder(tmp_path, "d0") / "checkpoints" / "last.pt").exists()

@@ -61,6 +61,7 @@ FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}  # D: the encode
 def paper_configs():
     """[(method, path, cfg)] of every paper config (see (a))."""
     import importlib
+
     from common.tools.benchmark import SCRIPTS
     out = []
     for method in SCRIPTS:
@@ -81,7 +82,8 @@ def views(method, cfg):
 def geometry(method, cfg):
     """What the memory of a step depends on: method (variant), image size, views, the model's sizes."""
     model = {k: v for k, v in cfg.model.items() if k not in ("sync_bn", "zero_init_residual")}
-    return (method, cfg.get("loss", {}).get("variant"), cfg.data.image_size, views(method, cfg), repr(sorted(model.items())))
+    return (method, cfg.get("loss", {}).get("variant"), cfg.data.image_size, views(method, cfg),
+            repr(sorted(model.items())))
 
 
 # ---------------------------------------------------------------------------------------------- (a)
@@ -203,8 +205,8 @@ def hybrid_rows(repeats=5):
     finally:
         torch.set_num_threads(threads)
     print(f"measured: {len(paths)} JPEGs 500x375 q75 (mean {kib:.0f} KiB), one worker, 1 thread: decode "
-          f"{t_decode * 1e3:.1f} ms/image, crop + flip to 224 px {t_view * 1e3:.2f} ms/view (thread CPU time, fastest of "
-          f"{repeats})")
+          f"{t_decode * 1e3:.1f} ms/image, crop + flip to 224 px {t_view * 1e3:.2f} ms/view (thread CPU time, "
+          f"fastest of {repeats})")
     print(f"computed: GPU rate {GPU_RATE_SOURCE}; an SSL image costs K views x (fwd+bwd) + K target forwards "
           "(1/3 each) on methods with an EMA target")
     print("| views K (methods) | worker images/s (measured) | GPU images/s (computed) | workers per GPU (computed) |")
@@ -256,8 +258,8 @@ def eval_memory_rows():
         seen.add(key)
         (n, q), d, k = SIZES[cfg.data.name], FEATURES[cfg.model.arch], max(cfg.eval.knn_k)
         after = [eval_memory(n, q, d, w, k)[1] / GiB for w in (1, 8, 64)]
-        print(f"| {cfg.data.name} ({n:,}, {q:,}) | {cfg.model.arch}, {d} | {k} | {eval_memory(n, q, d, 1, k)[0] / GiB:.2f} "
-              f"| {' | '.join(f'{a:.2f}' for a in after)} |")
+        print(f"| {cfg.data.name} ({n:,}, {q:,}) | {cfg.model.arch}, {d} | {k} "
+              f"| {eval_memory(n, q, d, 1, k)[0] / GiB:.2f} | {' | '.join(f'{a:.2f}' for a in after)} |")
 
 
 def eval_time(method, cfg, has_target):
@@ -303,10 +305,11 @@ def digest_cost(config=DIGEST_CONFIG, overrides=(), repeats=3):
     back ``repeats`` times with and without the digest (``save(with_digest=)``, ``read(verify=)``); fastest times."""
     from copy import deepcopy
 
-    import byol_uniform as b
     from common import checkpoint
     from common.augment import ViewMaker
     from common.optim import build, param_groups, scaled_lr
+
+    import byol_uniform as b
     argv = ["--config", str(config), *(["--set", *overrides] if overrides else [])]
     cfg = parse(argv, b.DEFAULTS, getattr(b, "CHOICES", None), b.METHOD)
     online = b.Online(cfg.model)
@@ -323,8 +326,10 @@ def digest_cost(config=DIGEST_CONFIG, overrides=(), repeats=3):
     with tempfile.TemporaryDirectory() as d:
         for on in (False, True):
             path = Path(d) / f"last_{on}.pt"
-            out[f"save_{on}"] = min(_wall(lambda: checkpoint.save(state, path, with_digest=on)) for _ in range(repeats))
-            out[f"read_{on}"] = min(_wall(lambda: checkpoint.read(path, verify=on)) for _ in range(repeats))
+            out[f"save_{on}"] = min(_wall(lambda path=path, on=on: checkpoint.save(state, path, with_digest=on))
+                                    for _ in range(repeats))
+            out[f"read_{on}"] = min(_wall(lambda path=path, on=on: checkpoint.read(path, verify=on))
+                                    for _ in range(repeats))
             out[f"bytes_{on}"] = path.stat().st_size
     return out
 

@@ -4,7 +4,8 @@
     python -m common.tools.benchmark --batch 256 --epoch-images 20000 --repeats 20              # a GPU
     python -m common.tools.benchmark --set precision=bf16 channels_last=true compile=true       # options on
     python -m common.tools.benchmark --mhe [--arch resnet50 --batch 64]                          # (d) only
-    python -m common.tools.benchmark --gpu-check [--dry] [--out FILE.json]   # all GPU-only checks: common/tools/gpu_check.py
+    python -m common.tools.benchmark --gpu-check [--dry] [--out FILE.json]   # all GPU-only checks:
+                                                                             # common/tools/gpu_check.py
     python -m common.tools.benchmark --at-scale    # memory and time to plan a cluster run: common/tools/at_scale.py
 
 (a) augmentation: images/s of the batched on-device view pipeline (``ViewMaker``,
@@ -44,9 +45,9 @@
 
 Each ratio is the slow time over the fast one (or full over bare); (a) and (c) times are medians
 of ``--repeats``, (b)'s the fastest of ``--repeats`` iterations after ``--warmup`` (noise on a
-shared machine only adds time, so the minimum is the stable estimate of a fixed amount of work). On a GPU the lines also give images/s and the full
-step's rate as a fraction of the encoder-only rate. ``--set`` passes config overrides to
-every script run of (b) and (c), e.g. ``precision=bf16`` or ``compile=true``.
+shared machine only adds time, so the minimum is the stable estimate of a fixed amount of work). On a
+GPU the lines also give images/s and the full step's rate as a fraction of the encoder-only rate. ``--set``
+passes config overrides to every script run of (b) and (c), e.g. ``precision=bf16`` or ``compile=true``.
 """
 import argparse
 import contextlib
@@ -147,15 +148,16 @@ class _TimedLoader:
 
 def run_script(name, overrides, between=None, time_epochs=False, config=None):
     """Run ``name``'s own ``train(cfg)`` in this process on tiny ``synthetic`` settings plus ``overrides``
-    (``key=value`` strings; ``config``: a YAML file read first), its output swallowed. Returns ``(cfg, view_makers, epoch_times)``; with
-    ``between`` (cfg -> a function of the views) the makers are ``_CachedViews`` calling it at every step
-    (their ``starts``/``ends``/``cache`` hold the per-step record)."""
+    (``key=value`` strings; ``config``: a YAML file read first), its output swallowed. Returns
+    ``(cfg, view_makers, epoch_times)``; with ``between`` (cfg -> a function of the views) the makers are
+    ``_CachedViews`` calling it at every step (their ``starts``/``ends``/``cache`` hold the per-step record)."""
     script = importlib.import_module(name)
     made, epochs = [], []
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
-        cfg = parse([*(["--config", str(config)] if config else []), "--set", f"out_dir={out}", "name=bench", "data.name=synthetic", "optim.warmup_epochs=0",
-                     "eval.every=0", "eval.linear=none", "eval.knn_k=[5]", "log.every=1000000",
-                     "log.progress=false", "checkpoint.every=1000000", *overrides],
+        cfg = parse([*(["--config", str(config)] if config else []), "--set", f"out_dir={out}", "name=bench",
+                     "data.name=synthetic", "optim.warmup_epochs=0", "eval.every=0", "eval.linear=none",
+                     "eval.knn_k=[5]", "log.every=1000000", "log.progress=false", "checkpoint.every=1000000",
+                     *overrides],
                     script.DEFAULTS, getattr(script, "CHOICES", None), method=name)
         if between is not None:
             timed_views = functools.partial(_CachedViews, made, between(cfg))

@@ -119,7 +119,8 @@ def export(ckpt, out, projector=None):
         raise UserError(f"{ckpt}: model.arch={m['arch']} is not a ResNet of this project")
     feat_dim = resnet(m["arch"], m["width"], m["cifar_stem"], m["norm"])[1]
     # what the printed lines build: torchvision's own ResNet at width 64
-    load_encoder(state, m, ckpt, torchvision_resnet(m["arch"], m["cifar_stem"], m["norm"]) if m["width"] == 64 else None)
+    load_encoder(state, m, ckpt,
+                 torchvision_resnet(m["arch"], m["cifar_stem"], m["norm"]) if m["width"] == 64 else None)
     f = online_part(state, "f.", ckpt)
     lines = [f"wrote the online encoder ({m['arch']}, width {m['width']}, "
              f"{'CIFAR stem' if m['cifar_stem'] else 'ImageNet stem'}, norm {m['norm']}; {feat_dim}-d features) "
@@ -139,7 +140,7 @@ def export(ckpt, out, projector=None):
         try:
             checkpoint.save(tensors, path, hint=f"choose another {option}", with_digest=False)  # atomic; plain weights
         except OSError as e:
-            raise UserError(f"cannot write {Path(path).resolve()} ({e.strerror or e}): choose another --out")
+            raise UserError(f"cannot write {Path(path).resolve()} ({e.strerror or e}): choose another --out") from e
     return lines
 
 

@@ -152,7 +152,8 @@ def batch_search(arch, dry, seconds, overrides=()):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m common.tools.benchmark --gpu-check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m common.tools.benchmark --gpu-check",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--dry", action="store_true", help="on the CPU, toy sizes, seconds (the test suite's run)")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON file of every number")
     ap.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",

@@ -81,7 +81,8 @@ def find_runs(paths):
 
 def series(records, key):
     """(epochs, mean, std) of ``key`` over the evaluation lines; several values at one epoch (toy runs: one
-    per seed) give mean and sample std (``log.mean_std``). A ``<key>_init`` line (the random-init kNN) counts as ``key`` at epoch 0."""
+    per seed) give mean and sample std (``log.mean_std``). A ``<key>_init`` line (the random-init kNN) counts
+    as ``key`` at epoch 0."""
     at = {}
     for r in records:
         v = r.get(key, r.get(key + "_init"))
@@ -143,6 +144,7 @@ def s1_features(run):
     """(angles [N] of the eval-set backbone features on S¹, labels [N]) from ``checkpoints/last.pt``:
     the online encoder f rebuilt from config.yaml, features PCA'd to 2-D, then l2-normalised."""
     import torch
+
     from common import checkpoint, loaders
     from common.config import BASE, Cfg, merge
     from common.evaluate import extract_features

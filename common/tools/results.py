@@ -1,4 +1,5 @@
-"""``python -m common.tools.results TABLE_FILE``: run every cell of a results table for every seed, then write the table.
+"""``python -m common.tools.results TABLE_FILE``: run every cell of a results table for every seed, then write the
+table.
 
     python -m common.tools.results configs/fashion_mnist.table                        # all cells, 3 seeds: hours
     python -m common.tools.results configs/fashion_mnist.table --cells byol msbreg --seeds 0   # a part of it
