@@ -11,8 +11,9 @@ them aside first (``metrics.<time>.jsonl``, ``config.<time>.yaml``) and says so.
 The run's ``log`` settings take effect at ``Logger.config(cfg)``:
 
 - ``log.progress``: ``auto`` and ``true`` show a tqdm bar of each epoch on a terminal (stderr) and, when stdout
-  is not a terminal (a SLURM log), print a plain line at most every ``PLAIN_EVERY_S`` seconds at a logging step:
-  step, epoch, loss, the collapse signal ``proj_std``, images/s, ETA; ``false`` shows neither.
+  is not a terminal (a SLURM log), print a plain line at the first step, then when ``PLAIN_EVERY_S`` seconds have
+  passed (checked at every step): step, epoch, loss, the collapse signal ``proj_std`` (between logging steps: rank 0's
+  own), images/s, ETA; ``false`` shows neither.
 - ``log.tensorboard: true``: every metrics line is also written as TensorBoard scalars (the same keys,
   against ``step``) to ``run_dir/tensorboard/``, through ``torch.utils.tensorboard``. It needs the
   ``tensorboard`` package, which is optional (``pip install tensorboard``): without it the run prints one
@@ -148,13 +149,17 @@ class Logger:
         show = self.enabled and self.show_progress is not False and sys.stderr.isatty()
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
 
+    def line_due(self):
+        """Is a plain progress line due: stdout not a terminal (a SLURM log), ``PLAIN_EVERY_S`` s since the last
+        (asked at every step, so the gap does not depend on the step time)?"""
+        return (self.enabled and self.show_progress is not False and not sys.stdout.isatty()
+                and time.time() - self._line >= PLAIN_EVERY_S)
+
     def progress_line(self, step, total, epoch, loss, images, train_s, proj_std=None):
-        """A plain progress line when stdout is not a terminal (a SLURM log), at most every ``PLAIN_EVERY_S`` s;
-        ``proj_std``: the collapse signal (``common.run``), shown when given."""
-        now = time.time()
-        if not self.enabled or self.show_progress is False or sys.stdout.isatty() or now - self._line < PLAIN_EVERY_S:
+        """A plain progress line when ``line_due`` (``proj_std``: the collapse signal, ``common.run``, when given)."""
+        if not self.line_due():
             return
-        self._line = now
+        self._line = time.time()
         eta = time.strftime("%H:%M:%S", time.gmtime(train_s / max(step, 1) * (total - step)))
         signal = f" proj_std {proj_std:.3g}" if proj_std is not None else ""
         self.print(f"step {step}/{total} epoch {epoch} loss {loss:.4g}{signal} {images / max(train_s, 1e-9):.1f} "

@@ -92,6 +92,8 @@ class Run:
         if self.state and self._finished():
             raise dist.Stopped(0, f"run {self.dir} already finished (step {self.state['counters']['step']}, "
                                   "summary.json); nothing to do: set name=... for a new run")
+        if self.state:  # a resume rewrites metrics.jsonl and config.yaml: refused before any work if it cannot
+            dist.agree(lambda: _writable(self.dir / "metrics.jsonl", self.dir / "config.yaml"))
         dist.seed_everything(cfg.seed)  # the same initial weights on every rank
         self.accum, self._signal, self.logger = cfg.optim.accum_steps, None, None
         self._local_batch = cfg.optim.batch_size // dist.world_size()
@@ -148,6 +150,8 @@ class Run:
         self.logger.config(self.cfg, keep_old=f"config_until_step{step}.yaml" if self._changes else None)
         if self.state:
             self.counters.update(checkpoint.restore(self.state, self.cfg, **objects))
+            for rec in self.counters.pop("unlogged", []):  # records a failed write left out: first, in order
+                self.logger.log(rec)
             last_eval = self.counters.pop("last_eval", None)  # (a stop during the final probe: not evaluated again)
             self._last_eval = tuple(last_eval) if last_eval else None
             self._proj_full = self.step % self.cfg.log.every == 0  # (mid-interval: its first steps ran before)
@@ -205,8 +209,9 @@ class Run:
     def step_done(self, loss, logs=None, **scalars):
         """Bookkeeping after an optimizer step: count it; every ``log.every`` steps log the mean over ranks of
         ``loss`` and ``logs`` (tensors; ``proj_std``: the collapse signal) with ``scalars`` (lr, tau), print the
-        progress line, check that they are finite (the NaN guard: a ``UserError``) and whether the online
-        projections collapsed (one warning line); write ``last.pt`` every ``checkpoint.every_steps``."""
+        progress line (between log steps too, once ``log.PLAIN_EVERY_S`` s passed: ``Logger.line_due``), check
+        that they are finite (the NaN guard: a ``UserError``) and whether the online projections collapsed (one
+        warning line); write ``last.pt`` every ``checkpoint.every_steps``."""
         c, cfg, logs = self.counters, self.cfg, {**(logs or {}), **scalars}
         c["step"] += 1
         self._finite &= torch.isfinite(loss.detach()).all()
@@ -228,6 +233,11 @@ class Run:
             if extra:
                 self._collapse_check(vals[-2])
             self._proj_max, self._proj_full = None, True
+        elif self.logger.line_due():  # 30 s since the last line (rank 0): this rank's numbers, read (synced) only now
+            p = logs.get("proj_std")
+            self.logger.progress_line(c["step"], self.total_steps, c["epoch"], loss.detach().float().item(),
+                                      c["images"], c["train_s"] + time.time() - self._t_epoch,
+                                      p.detach().float().item() if torch.is_tensor(p) else None)
         if cfg.checkpoint.every_steps and c["step"] % cfg.checkpoint.every_steps == 0:
             self.save("last.pt")
 
@@ -281,10 +291,14 @@ class Run:
         return metrics
 
     def log(self, metrics):
-        """One line of ``metrics.jsonl`` (rank 0) at the current step and epoch."""
+        """One line of ``metrics.jsonl`` (rank 0) at the current step and epoch; one that cannot be written is kept
+        in the checkpoint (counters' ``unlogged``) and written first on resume."""
+        rec = {"step": self.step, "epoch": self.epoch, **metrics}
         try:
-            self.logger.log({"step": self.step, "epoch": self.epoch, **metrics})
+            self.logger.log(rec)
         except OSError as e:
+            rec = json.loads(json.dumps(rec, default=float))  # (plain numbers: a weights_only load reads them)
+            self.counters["unlogged"] = [*self.counters.get("unlogged", []), rec]
             self._cannot_write(self.logger.metrics, e)
 
     def _cannot_write(self, path, e):
@@ -423,6 +437,17 @@ def _world_change(state, cfg):
         print(f"note: resuming a run of {old} processes on {new} (resume_allow_changes=true): recorded in "
               "config_changes", flush=True)
     return {"processes": [old, new]}
+
+
+def _writable(*paths):
+    """One line if one of the existing ``paths`` cannot be opened for appending (as after ``chmod a-w``)."""
+    for path in paths:
+        try:
+            if path.exists():
+                open(path, "a").close()
+        except OSError as e:
+            raise UserError(f"cannot write {path.resolve()} ({e.strerror or e}): make it writable (chmod u+w "
+                            f"{path.name}), then resume=auto") from None
 
 
 # ---------------------------------------------------------------------- the run folder's lock

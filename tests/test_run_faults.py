@@ -102,6 +102,45 @@ def test_an_unwritable_metrics_file_is_one_line_and_the_step_reached_is_kept(tmp
     assert S.checkpoint(tmp_path, "ro")["counters"]["step"] == 3
     S.run(tmp_path, "optim.epochs=2", "resume=auto", name="ro")
     assert S.summary(tmp_path, "ro")["steps"] == 8
+    # the record of step 3, which could not be written, was kept in last.pt and written first on resume
+    assert [m["step"] for m in S.metrics(tmp_path, "ro") if "loss" in m] == list(range(1, 9))
+
+
+def without_root_override():
+    """A command prefix under which root obeys file permissions (``setpriv`` drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH); [] when not root; None when that cannot be done here."""
+    if os.geteuid() != 0:
+        return []
+    cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+           "-dac_override,-dac_read_search"]
+    try:
+        ok = subprocess.run([*cmd, "true"], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    return cmd if ok else None
+
+
+def test_a_read_only_metrics_file_on_resume_is_one_line_before_any_work(tmp_path):
+    """`chmod a-w metrics.jsonl`, then resume=auto (as root: under setpriv, without the override of file
+    permissions): exit 2, one line naming the file and the fix, before any work (no step, checkpoint unchanged)."""
+    prefix = without_root_override()
+    if prefix is None:
+        pytest.skip("running as root and setpriv cannot drop CAP_DAC_OVERRIDE here: root would write the file")
+    S.run(tmp_path, "checkpoint.stop_after_step=2", name="ro")
+    metrics = S.folder(tmp_path, "ro") / "metrics.jsonl"
+    before = metrics.read_text()
+    metrics.chmod(0o444)
+    cmd = [*prefix, sys.executable, str(ROOT / "byol_uniform.py"), "--config", str(S.config), "--set",
+           f"out_dir={tmp_path}", "name=ro", *TINY, "resume=auto"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = one_clear_line(p)
+    assert f"cannot write {metrics.resolve()} (Permission denied)" in line and "chmod u+w" in line, line
+    assert "resuming" not in p.stdout and not re.search(r"^step ", p.stdout, re.MULTILINE), p.stdout
+    assert metrics.read_text() == before and S.checkpoint(tmp_path, "ro")["counters"]["step"] == 2
+    metrics.chmod(0o644)
+    S.run(tmp_path, "resume=auto", name="ro")
+    assert S.summary(tmp_path, "ro")["steps"] == 4
 
 
 def test_raft_seeds_a_stopped_seed_ends_the_command_and_resume_continues_it(tmp_path):
@@ -125,3 +164,36 @@ def test_a_log_file_gets_plain_progress_lines_and_no_bars(tmp_path):
     q = S.run(tmp_path, "log.progress=false", name="q")
     assert not [x for x in q.stdout.splitlines() if x.startswith("step ")]
     json.loads((S.folder(tmp_path, "q") / "summary.json").read_text())
+
+
+CLOCK = """
+import itertools, runpy, sys, time
+sys.path.insert(0, {root!r})
+import common.log as L
+class Clock:  # common/log.py's clock: each reading 31 s after the last (time.* otherwise)
+    ticks = itertools.count(0, 31)
+    def __getattr__(self, name):
+        return getattr(time, name)
+    def time(self):
+        return float(next(self.ticks))
+L.time = Clock()
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_log_file_gets_a_progress_line_when_30_s_pass_between_log_steps(tmp_path):
+    """A clock that moves 31 s per reading (slow steps), log.every=3: a line at every step, not only at the log
+    steps 3 and 4, each with that step's loss; metrics.jsonl still has the log steps only."""
+    wrapper = tmp_path / "clock.py"
+    wrapper.write_text(CLOCK.format(root=str(ROOT), script=str(ROOT / "byol_uniform.py")))
+    cmd = [sys.executable, str(wrapper), "--config", str(S.config), "--set", f"out_dir={tmp_path}", "name=c",
+           *TINY, "log.every=3", "log.progress=true"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    plain = [re.fullmatch(r"step (\d)/4 epoch 0 loss (\S+) proj_std (\S+) \S+ img/s ETA \S+", x)
+             for x in p.stdout.splitlines() if x.startswith("step ")]
+    assert all(plain) and [int(m[1]) for m in plain] == [1, 2, 3, 4], p.stdout
+    assert all(float(m[2]) == float(m[2]) and 0 < float(m[3]) < 1 for m in plain)
+    assert [m["step"] for m in S.metrics(tmp_path, "c") if "loss" in m] == [3, 4]
