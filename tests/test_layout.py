@@ -61,7 +61,8 @@ def test_no_import_circle_in_common():
 CORE_LINES_START = 3379
 CORE_GROWTH_DECIDED = {
     "--help lists every key from the tables that check it (issue #34)": 64,
-    "checkpoint digest, one-line data and config errors (issue #35)": 98,
+    "checkpoint digest, one-line data and config errors, records kept on a failed write, time-based progress line "
+    "(issue #35)": 128,
 }
 CORE_LINES_MAX = int(CORE_LINES_START * 1.03) + sum(CORE_GROWTH_DECIDED.values())
 
