@@ -1,6 +1,6 @@
 """raft.py end to end as a user runs it (subprocesses): smoke runs for RAFT and BYOL, the per-epoch Tab. 1
-metrics, exact resume, DDP equivalence, the seed list, one clear error for bad input, every paper config, and
-(slow) the quickstart's learning check."""
+metrics, exact resume, DDP equivalence, the seed list, one clear error for bad input and every paper config (the
+quickstart's learning check: tests/test_readme_quickstart.py)."""
 
 import re
 
@@ -88,9 +88,11 @@ def test_a_collapse_prints_one_warning_and_a_healthy_run_none(tmp_path, objectiv
     """The collapse signal: every log step records proj_std (std of the l2-normalised online projections, about
     1/sqrt(16) = 0.25 at init here); BYOL-NP (no predictor, a collapse case of Tab. 1) falls under 0.1/sqrt(16) within
     20 steps at lr 1e-2 (measured: 0.13 at step 2, 0.009 at step 20) and the run prints one warning line, once;
-    RAFT-MLPP on the same settings stays near 0.09 and prints none."""
+    RAFT-MLPP on the same settings stays near 0.09 and prints none. Both from the default init
+    (``model.zero_init_residual=false``), where these numbers were measured."""
     p = run(tmp_path, f"loss.objective={objective}", f"model.predictor={predictor}", "optim.lr=1e-2",
-            "optim.epochs=5", "log.every=2", "eval.every=0", "eval.linear=none", name=objective)
+            "model.zero_init_residual=false", "optim.epochs=5", "log.every=2", "eval.every=0", "eval.linear=none",
+            name=objective)
     steps = [m for m in metrics(tmp_path, objective) if "loss" in m]
     assert [m["step"] for m in steps] == list(range(2, 21, 2)) and all(0 <= m["proj_std"] < 1 for m in steps)
     warnings = [line for line in p.stdout.splitlines() if line.startswith("warning: the online projections")]
@@ -196,18 +198,3 @@ def test_app_b_eval_loaders_see_the_whole_32_px_image_resized_to_96(monkeypatch)
     x, _ = next(iter(loaders.eval_loaders(cfg)["test"]))
     ref28 = TF.resize(images[..., 2:30, 2:30], [96, 96], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     torch.testing.assert_close(x, (ref28 / 255 - mean) / std, atol=1e-6, rtol=0)
-
-
-# ---------------------------------------------------------------------------------------- learning check
-FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised 128-d encoder features; a collapsed encoder gives ~0
-
-
-@pytest.mark.slow
-def test_quickstart_raft_mlp_learns_without_collapse(tmp_path):
-    """RAFT-MLPP, the quickstart config: weighted kNN (k=200, T=0.1) >= random-init kNN + 15 (measured
-    27.2 -> 58.6, the README's results table)."""
-    run(tmp_path, "eval.every=0", "eval.linear=none", "log.every=100", name="learn", tiny=False)
-    s = summary(tmp_path, "learn")
-    assert s["objective"] == "raft" and s["predictor"] == "mlp"
-    assert s["knn200"] >= s["knn_init"] + 15, s
-    assert s["feature_std"] > FEATURE_STD_FLOOR, s
