@@ -40,6 +40,7 @@ Run:
 """
 import sys
 from copy import deepcopy
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -149,7 +150,9 @@ class MultiViewOnline(nn.Module):
 
 @torch.no_grad()
 def knn_majority(encoder, loaders, device, ks):
-    """Majority-vote k-NN (cosine) on the frozen encoder: the 5-NN column of Tab. 1."""
+    """Majority-vote k-NN (cosine) on the frozen encoder: the 5-NN column of Tab. 1 ({} for no ``ks``)."""
+    if not ks:
+        return {}
     bank_f, bank_y = extract_features(encoder, loaders["train"], device, gather=False)  # this rank's rows
     test_f, test_y = extract_features(encoder, loaders["test"], device)
     acc = knn_accuracies(bank_f, bank_y, test_f, test_y, ks=tuple(ks), num_classes=loaders["num_classes"],
@@ -207,8 +210,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.precision == "fp16")
     maybe_compile(online.f, cfg)  # after the target's deepcopy (a copy would share the compiled forward)
     model = dist.ddp(online, run.device)
-    def diagnostics(f_test):  # at each evaluation: Eq. 5-7 on the predictions of the test images
-        return singular_values(online, f_test, cfg.loss.s_normalized)
+    diagnostics = partial(singular_values, online, normalized=cfg.loss.s_normalized)  # each evaluation: Eq. 5-7
     run.resume_or_evaluate_init(online.f, diagnostics, online=online, target=target, optimizer=opt, scaler=scaler,
                                 views=views, noise=noise)
 
@@ -237,9 +239,7 @@ def train(cfg):
         run.epoch_done()
         if run.stop_requested():
             run.save_and_exit()
-    majority = knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k) \
-        if cfg.eval.knn_majority_k else {}  # the 5-NN column of Tab. 1
-    run.finish({"K": K, **majority})
+    run.finish({"K": K, **knn_majority(online.f, run.eval_sets, run.device, cfg.eval.knn_majority_k)})  # Tab. 1: 5-NN
 
 
 if __name__ == "__main__":

@@ -203,8 +203,15 @@ class EpochMeans:
 
 
 # --------------------------------------------------------------------------- training
-def train(cfg):
+def summary_keys(cfg, tab1):
+    """What summary.json adds for RAFT: the objective's settings (Tab. 3's sign of β too), the seed, Tab. 1's means."""
     lc = cfg.loss
+    return {"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
+            "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
+            "seed": cfg.seed, **tab1.last10()}
+
+
+def train(cfg):
     run = Run(cfg, METHOD)  # run folder (locked), logger, resume state, seeds, signal handling
     views = run.views(2)
     loader = run.loader(views)  # this rank's share of every global batch (uint8 images)
@@ -229,7 +236,7 @@ def train(cfg):
             x1, x2 = views(batch)
             with dist.no_sync(model, unless=step_due):
                 with run.autocast():
-                    loss, logs = raft_loss(model, target, x1, x2, lc)  # Eq. 4 / Eq. 10 / Eq. 11 (Alg. 1 lines 7-8)
+                    loss, logs = raft_loss(model, target, x1, x2, cfg.loss)  # Eq. 4 / 10 / 11 (Alg. 1 lines 7-8)
                 scaler.scale(loss / cfg.optim.accum_steps).backward()  # Alg. 1 line 10 (the group's mean)
             tab1.add(logs)
             if step_due:  # Alg. 1 line 11: the optimizer step (App. B: a constant lr), line 12: the mean teacher
@@ -251,9 +258,7 @@ def train(cfg):
         run.epoch_done()
         if run.stop_requested():
             run.save_and_exit()
-    run.finish({"objective": lc.objective, "predictor": cfg.model.predictor, "tangential": lc.tangential,
-                "alpha": lc.alpha, "beta": lc.beta, "beta_tab3": SIGN.get(lc.objective, 0.0) * lc.beta,
-                "seed": cfg.seed, **tab1.last10()})
+    run.finish(summary_keys(cfg, tab1))
 
 
 # --------------------------------------------------------------------------- several seeds (App. B: 3 seeds)
