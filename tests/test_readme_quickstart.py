@@ -16,12 +16,14 @@ from scriptrun import ROOT, Script
 
 METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 # Bands wider than the bar (issue #33 open): kNN std above 2.0, so 3 s is more than 5 points
-WIDE = {"msbreg": "issue #33: MSBReg's quickstart kNN std is 3.0 > 2.0 (seeds 43.2 to 51.2)",
-        "byol_uniform": "issue #33: byol_uniform's quickstart kNN std is 2.2 > 2.0 (runs 43.5 to 49.1)",
+WIDE = {"byol_uniform": "issue #33: byol_uniform's quickstart kNN std is 2.2 > 2.0 (runs 43.5 to 49.1)",
         "center_penalty": "issue #33: the centre penalty's quickstart kNN std is 2.8 > 2.0 (runs 44.1 to 51.9)"}
 WIDE_LINEAR = {"decorr_nostopgrad": "issue #33: Decorr's linear std 2.3: 3 t = 6.9 > 5 points"}
 FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised encoder features: ~1/√dim spread, ~0 collapsed
 ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+) ± ([\d.]+), linear ([\d.]+) ± ([\d.]+)")
+# The quickstarts over 5 minutes (last measured 311 s, 461 s, 330 s alone on 2 cores): `pytest -m slow` runs them,
+# CI (.ci/run) leaves them out to stay within its time, with the three others still checking their bands there
+LONG = ("byol_mhe", "msbreg", "raft")
 KERNELS_2 = "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"
 
 
@@ -92,7 +94,8 @@ def test_a_row_edited_by_5_points_is_caught(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.long_quickstart) if m in LONG else m
+                                    for m in METHODS])
 def test_quickstart_lands_in_its_readme_band_and_learns(tmp_path, method):
     """The command as the README writes it (2 threads): its numbers within the row's band, and it learns."""
     S = Script(method, [])
