@@ -58,9 +58,13 @@ def band_errors(got, row):
     return {k: (round(got[k], 1), row[k], t) for k, t in tol.items() if abs(got[k] - row[k]) > t}
 
 
+def marked(methods, marks):
+    """``methods`` as parameters, each one in ``marks`` ({method: mark}) carrying its mark."""
+    return [pytest.param(m, marks=marks[m]) if m in marks else m for m in methods]
+
+
 def wide(methods, wide=WIDE):
-    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=wide[m])) if m in wide else m
-            for m in methods]
+    return marked(methods, {m: pytest.mark.xfail(strict=True, reason=r) for m, r in wide.items()})
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -94,8 +98,7 @@ def test_a_row_edited_by_5_points_is_caught(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.long_quickstart) if m in LONG else m
-                                    for m in METHODS])
+@pytest.mark.parametrize("method", marked(METHODS, {m: pytest.mark.long_quickstart for m in LONG}))
 def test_quickstart_lands_in_its_readme_band_and_learns(tmp_path, method):
     """The command as the README writes it (2 threads): its numbers within the row's band, and it learns."""
     S = Script(method, [])
