@@ -4,8 +4,9 @@ that its method learns.
 A band row reads ``kNN A → B ± s, linear C ± t``: A the random-init encoder's kNN of the command as written (seed 0),
 B ± s and C ± t the mean ± sample std of the final kNN and the linear top-1 over the runs of its method's
 ``configs/<method>/README.md`` (3 seeds on one CPU's own kernels, 2 seeds on a second kernel set, see
-``KERNELS_2``). Another CPU's kernels move a short run's end point as another seed does, so a user's run lands in the
-band, not on B: within max(3 s, 1.5) of B and max(3 t, 1.5) of C; A, one forward of fixed weights, within 0.5.
+``KERNELS_2``, seed 0 on a third, ``KERNELS_3``). Another CPU's kernels move a short run's end point as another seed
+does, so a user's run lands in the band, not on B: within max(3 s, 1.5) of B and max(3 t, 1.5) of C; A, one forward of
+fixed weights, within 0.5.
 """
 import re
 import statistics
@@ -16,15 +17,17 @@ from scriptrun import ROOT, Script
 
 METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "center_penalty")
 # Bands wider than the bar (issue #33 open): kNN std above 2.0, so 3 s is more than 5 points
-WIDE = {"center_penalty": "issue #33: the centre penalty's quickstart kNN std is 2.2 > 2.0 (runs 47.5 to 53.5)"}
-WIDE_LINEAR = {"decorr_nostopgrad": "issue #33: Decorr's linear std 2.3: 3 t = 6.9 > 5 points",
-               "byol_uniform": "issue #33: byol_uniform's linear std 2.4: 3 t = 7.1 > 5 points"}
+WIDE = {"byol_uniform": "issue #33: byol_uniform's quickstart kNN std is 3.0 > 2.0 (its avx2 run ended at 42.3)"}
+# Bands within it where 3 s or 3 t is still more than 5 points: a 5-point edit of that number is not caught
+LOOSE = {"decorr_nostopgrad": "issue #33: Decorr's linear std 2.1: 3 t = 6.3 > 5 points",
+               "center_penalty": "issue #33: the centre penalty's kNN std 2.0: 3 s = 6.0 > 5 points"}
 FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised encoder features: ~1/√dim spread, ~0 collapsed
 ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+) ± ([\d.]+), linear ([\d.]+) ± ([\d.]+)")
 # The three quickstarts that took longest in the slow suite here (byol_uniform, msbreg and decorr_nostopgrad took
 # about 3 minutes each): `pytest -m slow` runs them, CI (.ci/run) leaves them out for its time
 LONG = ("byol_mhe", "raft", "center_penalty")
 KERNELS_2 = "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"
+KERNELS_3 = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"  # the runs table's "avx2" rows, 2 threads
 
 
 def command(method):
@@ -69,11 +72,12 @@ def wide(methods, wide=WIDE):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_readme_band_is_the_mean_and_std_of_the_runs_table(method):
-    """The row's band is its runs table's (3 seeds on one kernel set, 2 on the second), each std at most 2.0
-    kNN points, every run 15 or more kNN points above its random-init encoder; A is seed 0's on the first set."""
+    """The row's band is its runs table's (3 seeds on one kernel set, 2 on the second, 1 on the third), every run
+    15 or more kNN points above its random-init encoder; A is seed 0's on the first set."""
     row, runs = readme_row(method), runs_table(method)
-    own, second = [r for r in runs if r[0] == "own"], [r for r in runs if r[0] == "second"]
-    assert sorted(r[1] for r in own) == [0, 1, 2] and sorted(r[1] for r in second) == [0, 1], runs
+    seeds = {k: sorted(r[1] for r in runs if r[0] == k) for k in ("own", "second", "avx2")}
+    assert seeds == {"own": [0, 1, 2], "second": [0, 1], "avx2": [0]} and len(runs) == 6, runs
+    own = [r for r in runs if r[0] == "own"]
     for i, key in ((3, "knn200"), (4, "linear_top1")):
         values = [r[i] for r in runs]
         assert round(statistics.mean(values), 1) == row[key], (key, values, row)
@@ -87,7 +91,7 @@ def test_each_band_is_at_most_2_knn_points_wide(method):
     assert readme_row(method)["knn200_std"] <= 2.0, readme_row(method)
 
 
-@pytest.mark.parametrize("method", wide(METHODS, {**WIDE, **WIDE_LINEAR}))
+@pytest.mark.parametrize("method", wide(METHODS, {**WIDE, **LOOSE}))
 def test_a_row_edited_by_5_points_is_caught(method):
     """The check below fails on a stale row: each of the three numbers moved by 5 points is out of its band."""
     row = readme_row(method)
