@@ -20,7 +20,7 @@ METHODS = ("byol_uniform", "byol_mhe", "msbreg", "raft", "decorr_nostopgrad", "c
 WIDE = {"byol_uniform": "issue #33: byol_uniform's quickstart kNN std is 3.0 > 2.0 (its avx2 run ended at 42.3)"}
 # Bands within it where 3 s or 3 t is still more than 5 points: a 5-point edit of that number is not caught
 LOOSE = {"decorr_nostopgrad": "issue #33: Decorr's linear std 2.1: 3 t = 6.3 > 5 points",
-               "center_penalty": "issue #33: the centre penalty's kNN std 2.0: 3 s = 6.0 > 5 points"}
+         "center_penalty": "issue #33: the centre penalty's kNN std 2.0: 3 s = 6.0 > 5 points"}
 FEATURE_STD_FLOOR = 0.02  # mean per-dim std of l2-normalised encoder features: ~1/√dim spread, ~0 collapsed
 ROW = re.compile(r"kNN ([\d.]+) → ([\d.]+) ± ([\d.]+), linear ([\d.]+) ± ([\d.]+)")
 # The three quickstarts that took longest in the slow suite here (byol_uniform, msbreg and decorr_nostopgrad took
